@@ -1,0 +1,188 @@
+"""Frozen backbones: loading through transformers Auto classes, and pooling.
+
+Supported, by first match:
+- image encoders (ViT-style, with their image processor): CLS of each layer;
+- decoder LLMs (Llama, Mistral, Gemma, Mixtral, ...; fp or 4-bit GPTQ): mean over
+  the real tokens of each layer, using the attention mask (never over padding);
+- text encoders (BERT-style): CLS of each layer.
+
+GPTQ checkpoints load through transformers' own GPTQ support (optimum +
+gptqmodel; ``auto-gptq`` does not import with transformers 5). ``device_map``,
+``max_memory`` and ``offload_folder`` pass straight to ``from_pretrained`` so a
+70B model spreads over one GPU, CPU RAM and disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from iisan.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# gptqmodel sizes a CPU thread pool from os.cpu_count(); on <= 3 cores its default
+# (1 worker) is smaller than the 2 its model loader asks for and loading fails.
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 2) // 2)))
+
+DECODER_TYPES = {"llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "phi", "phi3", "gpt2", "falcon", "opt"}
+MODALITIES = ("text", "image")
+POOLINGS = ("auto", "cls", "mean")
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class BackboneSpec:
+    """How to load and run one frozen backbone. Mirrors a ``backbones:`` entry in config.yaml."""
+
+    model: str  # hub id (resolved from the local hub cache) or a local folder
+    modality: str = "text"
+    revision: str | None = None
+    pooling: str = "auto"  # auto: mean for decoder LLMs, cls otherwise
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16/float16 on GPU, float16 for GPTQ
+    max_text_len: int = 30
+    batch_size: int = 64
+    device_map: str | dict | None = None  # e.g. "auto" with max_memory for offload
+    max_memory: dict | None = None
+    offload_folder: str | None = None
+    local_files_only: bool = True  # offline by default
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise ConfigError(f"backbone `modality`={self.modality!r} must be one of {MODALITIES}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"backbone `pooling`={self.pooling!r} must be one of {POOLINGS}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"backbone `dtype`={self.dtype!r} must be one of {tuple(DTYPES)}")
+
+    @classmethod
+    def from_config(cls, entry: dict) -> "BackboneSpec":
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        return cls(**{k: v for k, v in entry.items() if k in known},
+                   extra={k: v for k, v in entry.items() if k not in known})
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _config(spec: BackboneSpec):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(spec.model, revision=spec.revision, local_files_only=spec.local_files_only)
+    except OSError as e:
+        raise ModelLoadError(
+            f"backbone {spec.model!r} is not available locally ({e.__class__.__name__}).\n"
+            f"  fix: on a machine with internet run `hf download {spec.model}` (it fills the hub cache, "
+            f"~/.cache/huggingface), or set the backbone's `model:` to a local folder"
+        ) from e
+
+
+def model_info(spec: BackboneSpec) -> dict:
+    """Layer count, width, pooling and quantisation from the config alone (no weights)."""
+    cfg = _config(spec)
+    text_cfg = getattr(cfg, "text_config", None) or cfg
+    n_layers = getattr(text_cfg, "num_hidden_layers", None)
+    hidden = getattr(text_cfg, "hidden_size", None)
+    if n_layers is None or hidden is None:
+        raise ModelLoadError(f"backbone {spec.model!r}: config has no num_hidden_layers/hidden_size; supported are BERT-, ViT- and decoder-LLM-style models")
+    is_decoder = cfg.model_type in DECODER_TYPES or any(a.endswith("ForCausalLM") for a in (cfg.architectures or []))
+    pooling = spec.pooling if spec.pooling != "auto" else ("mean" if is_decoder else "cls")
+    quant = getattr(cfg, "quantization_config", None)
+    quant_method = (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)) if quant else None
+    return {"n_layers": int(n_layers), "hidden": int(hidden), "pooling": pooling, "model_type": cfg.model_type,
+            "quantization": str(quant_method) if quant_method else None,
+            "image_size": getattr(cfg, "image_size", None)}
+
+
+def resolve_dtype(spec: BackboneSpec, info: dict, device: torch.device) -> torch.dtype:
+    if spec.dtype != "auto":
+        return DTYPES[spec.dtype]
+    if info["quantization"] == "gptq":
+        return torch.float16  # GPTQ kernels compute in fp16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # half precision matmuls are slow or missing on CPU
+
+
+class Backbone:
+    """A loaded, frozen backbone that maps a batch of item inputs to pooled
+    hidden states of the selected layers: ``(B, K, H)``."""
+
+    def __init__(self, spec: BackboneSpec, device: torch.device | None = None):
+        from transformers import AutoModel
+
+        self.spec = spec
+        self.info = model_info(spec)
+        self.device = device or default_device()
+        self.dtype = resolve_dtype(spec, self.info, self.device)
+        kw = dict(revision=spec.revision, local_files_only=spec.local_files_only, dtype=self.dtype)
+        if spec.device_map is not None:
+            kw.update(device_map=spec.device_map, max_memory=spec.max_memory, offload_folder=spec.offload_folder)
+            if spec.offload_folder:
+                Path(spec.offload_folder).mkdir(parents=True, exist_ok=True)
+        elif self.info["quantization"]:
+            kw.update(device_map=str(self.device))  # quantised weights must be placed at load time
+        try:
+            self.model = AutoModel.from_pretrained(spec.model, **kw)
+        except (OSError, ImportError, ValueError) as e:
+            hint = (" GPTQ checkpoints need `pip install optimum gptqmodel` (auto-gptq does not work with transformers 5)."
+                    if self.info["quantization"] else "")
+            raise ModelLoadError(f"cannot load backbone {spec.model!r}: {e}.{hint}") from e
+        if spec.device_map is None and not self.info["quantization"]:
+            self.model.to(self.device)
+        self.model.eval().requires_grad_(False)
+        # inputs go where the embeddings live (first entry of an accelerate device map)
+        hf_map = getattr(self.model, "hf_device_map", None)
+        first = next(iter(hf_map.values())) if hf_map else self.device
+        self.input_device = torch.device("cpu" if first in ("disk", "meta") else first)
+        self.processor = self._processor()
+        self.revision = spec.revision or getattr(self.model.config, "_commit_hash", None)
+
+    def _processor(self):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        kw = dict(revision=self.spec.revision, local_files_only=self.spec.local_files_only)
+        if self.spec.modality == "image":
+            return AutoImageProcessor.from_pretrained(self.spec.model, **kw)
+        tok = AutoTokenizer.from_pretrained(self.spec.model, **kw)
+        if tok.pad_token is None:  # LLM tokenizers often have none; masked pooling makes the choice irrelevant
+            tok.pad_token = tok.eos_token or tok.unk_token
+        return tok
+
+    @property
+    def image_size(self) -> int | None:
+        if self.spec.modality != "image":
+            return None
+        size = getattr(self.processor, "size", None) or {}
+        return int(size.get("height") or size.get("shortest_edge") or self.info["image_size"])
+
+    def encode_inputs(self, batch) -> dict:
+        """Titles (list[str]) or PIL images -> model inputs on the input device (CPU work)."""
+        if self.spec.modality == "text":
+            enc = self.processor(list(batch), padding=True, truncation=True, max_length=self.spec.max_text_len, return_tensors="pt")
+        else:
+            enc = self.processor(images=list(batch), return_tensors="pt")
+        return dict(enc)
+
+    @torch.no_grad()
+    def forward(self, inputs: dict, layers: list[int]) -> torch.Tensor:
+        """Pooled hidden states of ``layers`` -> (B, K, H), in the model's dtype, on its device."""
+        inputs = {k: v.to(self.input_device, non_blocking=True) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        out = self.model(**inputs, output_hidden_states=True)
+        hs = out.hidden_states
+        if len(hs) != self.info["n_layers"] + 1:
+            raise ModelLoadError(f"backbone {self.spec.model!r} returned {len(hs)} hidden states, expected {self.info['n_layers'] + 1}")
+        if self.info["pooling"] == "cls":
+            return torch.stack([hs[i][:, 0] for i in layers], dim=1)  # (B, K, H)
+        mask = inputs["attention_mask"].to(hs[layers[0]].device)
+        w = (mask / mask.sum(1, keepdim=True).clamp(min=1)).unsqueeze(-1).to(hs[layers[0]].dtype)  # (B, T, 1)
+        return torch.stack([(hs[i].to(w.device) * w).sum(1) for i in layers], dim=1)  # (B, K, H)

@@ -1,0 +1,92 @@
+"""Item images: a folder of ``{ASIN}.jpg`` or the authors' LMDB layout.
+
+The authors' LMDB maps ``ASIN`` (ascii) to a pickled ``LMDB_Image`` object
+(attributes ``channels``, ``size``, ``image`` = raw uint8 bytes, ``id``).
+We read it with an unpickler that knows that one class and nothing else, so
+a tampered database cannot run code.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from iisan.errors import DataError
+
+FOLDER_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class _LmdbImageRecord:
+    """Inert stand-in for the authors' ``LMDB_Image``: data only, no methods run."""
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    _ALLOWED = {("copyreg", "_reconstructor"), ("builtins", "object")}
+
+    def find_class(self, module, name):
+        if name == "LMDB_Image":
+            return _LmdbImageRecord
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from an image LMDB")
+
+
+def _safe_loads(data: bytes):
+    return _SafeUnpickler(io.BytesIO(data)).load()
+
+
+class ImageSource:
+    """Looks up item images by ASIN in a folder or an LMDB (read-only)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError(self.path, "image folder/LMDB not found", "set `images` to an existing folder of {ASIN}.jpg or an LMDB, or to null for text-only data")
+        self._is_lmdb = (self.path.is_file() and self.path.suffix != "") or (self.path / "data.mdb").is_file()
+        self._env = None
+
+    @property
+    def kind(self) -> str:
+        return "lmdb" if self._is_lmdb else "folder"
+
+    def _lmdb(self):
+        if self._env is None:
+            import lmdb
+
+            self._env = lmdb.open(str(self.path), subdir=self.path.is_dir(), readonly=True, lock=False, readahead=False)
+        return self._env
+
+    def locate(self, asin: str) -> str | None:
+        """A key that ``load`` accepts, or None if the image is missing."""
+        if self._is_lmdb:
+            with self._lmdb().begin() as txn:
+                return asin if txn.get(asin.encode("ascii")) is not None else None
+        for suf in FOLDER_SUFFIXES:
+            p = self.path / f"{asin}{suf}"
+            if p.is_file():
+                return p.name
+        return None
+
+    def load(self, key: str) -> Image.Image:
+        """RGB image for a key from ``locate``; DataError if it cannot be decoded."""
+        if self._is_lmdb:
+            with self._lmdb().begin() as txn:
+                raw = txn.get(key.encode("ascii"))
+            where = f"{self.path} (key {key})"
+            try:
+                rec = _safe_loads(raw)
+                h, w = rec.size
+                arr = np.frombuffer(rec.image, dtype=np.uint8).reshape(h, w, rec.channels)
+                return Image.fromarray(arr).convert("RGB")
+            except Exception as e:  # any malformed record is the same user problem
+                raise DataError(where, f"image record cannot be decoded ({e})", "rebuild the LMDB entry, or delete it and set `missing_images: blank`") from e
+        p = self.path / key
+        try:
+            with Image.open(p) as im:
+                return im.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise DataError(p, f"image cannot be decoded ({e.__class__.__name__})", "re-download or replace the file, or delete it and set `missing_images: blank`") from e

