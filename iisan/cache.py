@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # attributes that must agree for an existing store to be reused
 IDENTITY_KEYS = ("model", "revision", "modality", "layers", "pooling", "dtype", "max_text_len", "image_size",
-                 "input_fingerprint", "n_items", "hidden", "chunk_items")
+                 "input_fingerprint", "n_items", "hidden", "chunk_items", "code")
 
 
 def progress_dir(store: Path) -> Path:

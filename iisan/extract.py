@@ -18,6 +18,7 @@ from iisan.backbones import Backbone, BackboneSpec, default_device, model_info
 from iisan.data import PreparedData
 from iisan.errors import ConfigError, DataError
 from iisan.layers import select_layers
+from iisan.provenance import code_hash
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def cache_attrs(data: PreparedData, spec: BackboneSpec, layers_spec, chunk_items
         "dtype": "float16", "max_text_len": spec.max_text_len if spec.modality == "text" else None,
         "image_size": _image_size(spec),
         "input_fingerprint": data.meta["text_fingerprint" if spec.modality == "text" else "image_fingerprint"],
-        "n_items": data.n_items, "chunk_items": chunk_items,
+        "n_items": data.n_items, "chunk_items": chunk_items, "code": code_hash("extract"),
     }
 
 

@@ -69,8 +69,18 @@ def select_layers(n_layers: int, spec) -> list[int]:
     return ([0] if spec.get("embedding", True) else []) + taps
 
 
-def selection_tag(indices: list[int]) -> str:
-    """Short, filename-safe name of a selection, used in cache paths."""
-    if len(indices) > 2 and indices == list(range(indices[0], indices[-1] + 1)):
-        return f"h{indices[0]}to{indices[-1]}"
-    return "h" + "-".join(map(str, indices))
+def spec_tag(spec) -> str:
+    """Filename-safe name of a layer *specification* (not of its indices), so cache
+    paths are known before any model is downloaded: even6, even6-top, all, x0-2-4."""
+    if isinstance(spec, (list, tuple)):
+        spec = {"scheme": "explicit", "indices": list(spec)}
+    spec = dict(spec or {})
+    scheme = spec.get("scheme", "even")
+    if scheme == "explicit":
+        return "x" + "-".join(str(int(i)) for i in spec.get("indices", []))
+    tag = "all" if scheme == "all" else f"even{spec['n']}" if "n" in spec else "evenhalf"
+    if spec.get("span", "all") != "all":
+        tag += f"-{spec['span']}"
+    if not spec.get("embedding", True):
+        tag += "-noemb"
+    return tag

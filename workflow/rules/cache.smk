@@ -1,0 +1,65 @@
+# Stage one. Outputs are small completion files, never the Zarr store itself:
+# Snakemake deletes declared outputs before a rerun, and the store must survive
+# so a killed or preempted job resumes from its finished chunks.
+
+
+rule cache_init:
+    input:
+        data="results/{ds}/data",
+        backbone=get_backbone_inputs,
+    output:
+        touch("results/{ds}/cache/{backbone}/{tag}.init"),
+    params:
+        spec=lambda wc: backbone_json(wc.backbone),
+        layers=layers_for,
+        chunk=config.get("extract", {}).get("chunk_items", 1024),
+        code=code_hash("extract"),
+    log:
+        "results/logs/{ds}/cache/{backbone}/{tag}.init.log",
+    benchmark:
+        "results/benchmarks/{ds}/cache/{backbone}/{tag}.init.tsv"
+    shell:
+        "iisan --log {log} extract --data {input.data} --backbone {params.spec:q} --layers {params.layers:q} "
+        "--store results/{wildcards.ds}/cache/{wildcards.backbone}/{wildcards.tag}.zarr "
+        "--chunk-items {params.chunk} --on-mismatch rebuild --init-only"
+
+
+rule extract_shard:
+    input:
+        data="results/{ds}/data",
+        backbone=get_backbone_inputs,
+        init=get_store_init,
+    output:
+        "results/{ds}/cache/{backbone}/{tag}.shards/{shard}-of-{n}.done",
+    params:
+        spec=lambda wc: backbone_json(wc.backbone),
+        layers=layers_for,
+        chunk=config.get("extract", {}).get("chunk_items", 1024),
+        # a single job may rebuild a stale store; shards of a split store never delete it
+        mismatch=lambda wc: "rebuild" if int(wc.n) == 1 else "error",
+        code=code_hash("extract"),
+    resources:
+        gpu=1,
+    log:
+        "results/logs/{ds}/cache/{backbone}/{tag}.{shard}-of-{n}.log",
+    benchmark:
+        "results/benchmarks/{ds}/cache/{backbone}/{tag}.{shard}-of-{n}.tsv"
+    shell:
+        "iisan --log {log} extract --data {input.data} --backbone {params.spec:q} --layers {params.layers:q} "
+        "--store results/{wildcards.ds}/cache/{wildcards.backbone}/{wildcards.tag}.zarr "
+        "--chunk-items {params.chunk} --shard {wildcards.shard} --nshards {wildcards.n} "
+        "--on-mismatch {params.mismatch} --done {output}"
+
+
+rule cache_verify:
+    input:
+        get_shard_outputs,
+    output:
+        "results/{ds}/cache/{backbone}/{tag}.done",
+    log:
+        "results/logs/{ds}/cache/{backbone}/{tag}.verify.log",
+    benchmark:
+        "results/benchmarks/{ds}/cache/{backbone}/{tag}.verify.tsv"
+    shell:
+        "iisan --log {log} cache-verify --store results/{wildcards.ds}/cache/{wildcards.backbone}/{wildcards.tag}.zarr "
+        "--done {output}"

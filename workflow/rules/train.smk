@@ -1,0 +1,20 @@
+rule train:
+    input:
+        unpack(get_train_caches),
+        data="results/{ds}/data",
+    output:
+        metrics="results/{ds}/{exp}/metrics.json",
+        efficiency="results/{ds}/{exp}/efficiency.json",
+    params:
+        settings=train_settings,
+        caches=cache_flags,
+        code=code_hash("train"),
+    resources:
+        gpu=1,
+    log:
+        "results/logs/{ds}/{exp}/train.log",
+    benchmark:
+        "results/benchmarks/{ds}/{exp}/train.tsv"
+    shell:
+        "iisan --log {log} train --data {input.data} {params.caches} --settings {params.settings:q} "
+        "--name {wildcards.exp} --out results/{wildcards.ds}/{wildcards.exp}"
