@@ -11,6 +11,15 @@ configfile: "config.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+wildcard_constraints:
+    ds="[^/]+",
+    exp="[^/]+",
+    backbone="[^/]+",
+    tag="[^/.]+",
+    shard=r"\d+",
+    n=r"\d+",
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/cache.smk"

@@ -14,6 +14,8 @@ rule cache_init:
         layers=layers_for,
         chunk=config.get("extract", {}).get("chunk_items", 1024),
         code=code_hash("extract"),
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "results/logs/{ds}/cache/{backbone}/{tag}.init.log",
     benchmark:
@@ -40,6 +42,8 @@ rule extract_shard:
         code=code_hash("extract"),
     resources:
         gpu=1,
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "results/logs/{ds}/cache/{backbone}/{tag}.{shard}-of-{n}.log",
     benchmark:
@@ -56,6 +60,8 @@ rule cache_verify:
         get_shard_outputs,
     output:
         "results/{ds}/cache/{backbone}/{tag}.done",
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "results/logs/{ds}/cache/{backbone}/{tag}.verify.log",
     benchmark:

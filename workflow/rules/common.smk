@@ -50,6 +50,8 @@ def get_raw_inputs(wildcards):
 def backbone_json(name):
     """The backbone spec `iisan extract` receives (pipeline-only keys removed)."""
     b = {k: v for k, v in _need("backbones", name).items() if k not in ("tiny", "shards", "params_b")}
+    if "max_memory" in b:  # YAML gives GPU ids as ints; JSON keys are strings (iisan turns them back)
+        b["max_memory"] = {str(k): v for k, v in b["max_memory"].items()}
     return json.dumps(b, sort_keys=True)
 
 

@@ -6,6 +6,8 @@ rule synth:
     params:
         synth=lambda wc: _need("datasets", wc.ds)["synth"],
         code=code_hash("prepare"),
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "results/logs/{ds}/synth.log",
     benchmark:
@@ -24,6 +26,8 @@ rule prepare:
         files=lambda wc: raw_files(wc.ds),
         missing=lambda wc: _need("datasets", wc.ds).get("missing_images", "error"),
         code=code_hash("prepare"),
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "results/logs/{ds}/prepare.log",
     benchmark:
@@ -42,6 +46,8 @@ rule build_tiny:
         "results/backbones/{backbone}/iisan-tiny.json",
     params:
         code=code_hash("backbones"),
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "results/logs/backbones/{backbone}.log",
     benchmark:

@@ -6,6 +6,8 @@ rule report:
     params:
         experiments=report_experiments(),
         code=code_hash("report"),
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "results/logs/report.log",
     benchmark:

@@ -11,6 +11,8 @@ rule train:
         code=code_hash("train"),
     resources:
         gpu=1,
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "results/logs/{ds}/{exp}/train.log",
     benchmark:

@@ -1,0 +1,49 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SCIENTIFIC = REPO.parent / "shared" / "data" / "amazon" / "scientific"
+SCI_ITEMS = SCIENTIFIC / "Industrial_and_Scientific_items.tsv"
+SCI_USERS = SCIENTIFIC / "am_Industrial_and_Scientific_users.tsv"
+
+
+def need_scientific():
+    if not SCI_ITEMS.is_file():
+        pytest.skip(f"real Scientific data not found at {SCIENTIFIC} (expected ../shared beside the repo)")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The four tiny backbones, built once per test session."""
+    from iisan.tiny import build_tiny
+
+    root = Path(os.environ.get("IISAN_TINY_DIR") or tmp_path_factory.mktemp("tiny"))
+    return {k: build_tiny(k, root / k) for k in ("tiny-bert", "tiny-vit", "tiny-llama", "tiny-llama-gptq")}
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory):
+    """A small generated dataset, prepared: (raw paths, prepared folder)."""
+    from iisan.data import prepare
+    from iisan.synth import synthesize
+
+    root = tmp_path_factory.mktemp("demo")
+    raw = synthesize(root / "raw", n_items=300, n_users=600, seed=1)
+    prepare(raw["items"], raw["users"], root / "data", images=raw["images"])
+    return raw, root / "data"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def read_json(p):
+    return json.loads(Path(p).read_text())

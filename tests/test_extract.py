@@ -1,0 +1,174 @@
+"""Stage one: backbones, pooling, the resumable cache."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from iisan import cache
+from iisan.backbones import Backbone, BackboneSpec
+from iisan.data import PreparedData
+from iisan.errors import CacheMismatchError, DataError, ModelLoadError
+from iisan.extract import extract, finish
+
+
+def _spec(tiny, kind, **kw):
+    return BackboneSpec(model=str(tiny[kind]), modality="image" if kind == "tiny-vit" else "text", **kw)
+
+
+def test_tiny_backbones_load_through_auto_classes(tiny):
+    info = {k: Backbone(_spec(tiny, k)).info for k in tiny}
+    assert info["tiny-bert"]["n_layers"] == 12 and info["tiny-bert"]["pooling"] == "cls"
+    assert info["tiny-vit"]["n_layers"] == 12 and info["tiny-vit"]["pooling"] == "cls"
+    assert info["tiny-llama"]["n_layers"] == 24 and info["tiny-llama"]["pooling"] == "mean"
+    assert info["tiny-llama-gptq"]["quantization"] == "gptq"
+    assert info["tiny-llama"]["hidden"] != info["tiny-vit"]["hidden"]  # VA needs the DTL
+
+
+def test_mean_pooling_ignores_padding_and_cls_takes_token_zero(tiny):
+    b = Backbone(_spec(tiny, "tiny-llama"))
+    titles = ["a short title", "a much longer title with many more words in it than the first"]
+    batched = b.forward(b.encode_inputs(titles), [0, 12, 24])
+    alone = b.forward(b.encode_inputs(titles[:1]), [0, 12, 24])
+    assert torch.allclose(batched[0], alone[0], atol=1e-4)  # padding does not leak into the mean
+    x = b.encode_inputs(titles[:1])
+    hs = b.model(**x, output_hidden_states=True).hidden_states
+    assert torch.allclose(alone[0, 2], hs[24][0].mean(0), atol=1e-5)
+    bert = Backbone(_spec(tiny, "tiny-bert"))
+    x = bert.encode_inputs(titles)
+    hs = bert.model(**x, output_hidden_states=True).hidden_states
+    assert torch.allclose(bert.forward(x, [0, 6])[:, 1], hs[6][:, 0])
+
+
+def test_missing_model_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match=r"not available locally.*\n  fix: .*hf download"):
+        Backbone(BackboneSpec(model="no-such-org/no-such-model"))
+
+
+def test_extraction_writes_selected_layers_fp16_row0_zero(tiny, small_demo, tmp_path):
+    _, data_dir = small_demo
+    data = PreparedData.load(data_dir)
+    store = tmp_path / "bert.zarr"
+    stats = extract(data_dir, _spec(tiny, "tiny-bert"), {"n": 6}, store, chunk_items=64)
+    arr, attrs = cache.load(store)
+    assert arr.shape == (data.n_items + 1, 7, 64) and arr.dtype == torch.float16
+    assert attrs["layers"] == [0, 2, 4, 6, 8, 10, 12] and attrs["pooling"] == "cls"
+    assert arr[0].abs().sum() == 0 and stats["chunks_done_now"] == stats["chunks_total"] == 5
+    b = Backbone(_spec(tiny, "tiny-bert"))
+    direct = b.forward(b.encode_inputs([data.titles[5]]), attrs["layers"])[0]
+    assert torch.allclose(arr[5].float(), direct, atol=2e-3, rtol=2e-3)
+    vit = tmp_path / "vit.zarr"
+    extract(data_dir, _spec(tiny, "tiny-vit"), {"n": 6}, vit, chunk_items=64)
+    assert cache.load(vit)[1]["image_size"] == 32
+
+
+def test_gptq_with_disk_offload_matches_cpu_only_load(tiny, small_demo, tmp_path):
+    _, data_dir = small_demo
+    plain, offl = tmp_path / "cpu.zarr", tmp_path / "offload.zarr"
+    extract(data_dir, _spec(tiny, "tiny-llama-gptq"), {"n": 6}, plain, chunk_items=128)
+    spec = _spec(tiny, "tiny-llama-gptq", device_map="auto", max_memory={"cpu": "1MB"}, offload_folder=str(tmp_path / "off"))
+    b = Backbone(spec)
+    placed = set(b.model.hf_device_map.values())
+    assert "disk" in placed, b.model.hf_device_map  # really offloaded
+    del b
+    extract(data_dir, spec, {"n": 6}, offl, chunk_items=128)
+    a, attrs = cache.load(plain)
+    o, _ = cache.load(offl)
+    assert attrs["layers"] == [0, 4, 8, 12, 16, 20, 24] and attrs["quantization"] == "gptq"
+    assert torch.equal(a, o)
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "iisan", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def test_killed_extraction_resumes_only_missing_chunks(tiny, small_demo, tmp_path):
+    _, data_dir = small_demo
+    store = tmp_path / "llama.zarr"
+    backbone = json.dumps({"model": str(tiny["tiny-llama"]), "modality": "text", "batch_size": 1})
+    args = ["extract", "--data", str(data_dir), "--backbone", backbone, "--layers", '{"n": 6}', "--store", str(store),
+            "--chunk-items", "8", "--done", str(tmp_path / "llama.done")]
+    p = _cli(*args)
+    progress = cache.progress_dir(store)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not progress.is_dir() or len(list(progress.iterdir())) < 3):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)  # a real kill, mid-run
+    p.wait()
+    done_before = len(list(progress.iterdir()))
+    total = len(cache.missing_chunks(store)) + done_before
+    assert 3 <= done_before < total, "extraction finished before it could be killed"
+    assert not (tmp_path / "llama.done").exists()
+    with pytest.raises(DataError, match="chunk\\(s\\) not extracted yet"):
+        cache.load(store)
+    out, _ = _cli(*args).communicate()
+    stats = json.loads((tmp_path / "llama.done").read_text())["stats"]
+    assert stats["chunks_done_now"] == total - done_before, out
+    resumed, _ = cache.load(store)
+    fresh = tmp_path / "fresh.zarr"
+    extract(data_dir, BackboneSpec(model=str(tiny["tiny-llama"]), batch_size=1), {"n": 6}, fresh, chunk_items=8)
+    assert torch.equal(resumed, cache.load(fresh)[0])
+
+
+def test_stale_store_is_refused_or_rebuilt_never_mixed(tiny, small_demo, tmp_path):
+    raw, data_dir = small_demo
+    store = tmp_path / "bert.zarr"
+    extract(data_dir, _spec(tiny, "tiny-bert"), {"n": 6}, store, chunk_items=64)
+    with pytest.raises(CacheMismatchError, match=r"layers: cached \[0, 2, 4, 6, 8, 10, 12\], asked \[0, 2, 7, 12\]"):
+        extract(data_dir, _spec(tiny, "tiny-bert"), {"n": 3}, store, chunk_items=64)
+    with pytest.raises(CacheMismatchError, match="model: cached"):
+        extract(data_dir, _spec(tiny, "tiny-llama"), {"n": 6}, store, chunk_items=64)
+    stats = extract(data_dir, _spec(tiny, "tiny-bert"), {"n": 3}, store, chunk_items=64, on_mismatch="rebuild")
+    assert stats["chunks_done_now"] == stats["chunks_total"]
+    arr, attrs = cache.load(store)
+    assert attrs["layers"] == [0, 2, 7, 12] and arr.shape[1] == 4
+    # a reader refuses a cache made from other item inputs
+    with pytest.raises(CacheMismatchError, match="input_fingerprint"):
+        cache.load(store, expect={"input_fingerprint": "something else"})
+
+
+def test_shards_write_disjoint_chunks_then_verify(tiny, small_demo, tmp_path):
+    _, data_dir = small_demo
+    store = tmp_path / "s.zarr"
+    spec = _spec(tiny, "tiny-bert")
+    extract(data_dir, spec, {"n": 6}, store, chunk_items=32, init_only=True)
+    s0 = extract(data_dir, spec, {"n": 6}, store, chunk_items=32, shard=0, nshards=3)
+    with pytest.raises(DataError, match="not extracted yet"):
+        finish(store, tmp_path / "s.done")
+    s1 = extract(data_dir, spec, {"n": 6}, store, chunk_items=32, shard=1, nshards=3)
+    s2 = extract(data_dir, spec, {"n": 6}, store, chunk_items=32, shard=2, nshards=3)
+    assert s0["chunks_done_now"] + s1["chunks_done_now"] + s2["chunks_done_now"] == s0["chunks_total"] == 10
+    finish(store, tmp_path / "s.done")
+    whole = tmp_path / "w.zarr"
+    extract(data_dir, spec, {"n": 6}, whole, chunk_items=32)
+    assert torch.equal(cache.load(store)[0], cache.load(whole)[0])
+
+
+def test_cache_info_reports_bytes_and_full_layer_cost(tiny, small_demo, tmp_path):
+    _, data_dir = small_demo
+    store = tmp_path / "l.zarr"
+    extract(data_dir, _spec(tiny, "tiny-llama"), {"n": 6}, store, chunk_items=128)
+    info = cache.info(store)
+    n = PreparedData.load(data_dir).n_items + 1
+    assert info["bytes_selected"] == n * 7 * 128 * 2 and info["bytes_all_layers"] == n * 25 * 128 * 2
+    assert info["bytes_on_disk"] >= info["bytes_selected"]  # uncompressed
+    out = subprocess.run([sys.executable, "-m", "iisan", "cache-info", str(store)], capture_output=True, text=True, check=True).stdout
+    assert f"({n}, 7, 128) float16" in out and "all 25 layers would take" in out and "3.6x the selected layers" in out
+
+
+def test_image_backbone_on_text_only_data_is_refused(tiny, tmp_path):
+    from conftest import write
+    from iisan.data import prepare
+
+    items = write(tmp_path / "i.tsv", "".join(f"A{i}\tt{i}\n" for i in range(6)))
+    users = write(tmp_path / "u.tsv", "u\t" + " ".join(f"A{i}" for i in range(6)) + "\n")
+    prepare(items, users, tmp_path / "d")
+    with pytest.raises(DataError, match="dataset has no images but the backbone is an image encoder"):
+        extract(tmp_path / "d", _spec(tiny, "tiny-vit"), {"n": 6}, tmp_path / "v.zarr")

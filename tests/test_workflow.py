@@ -1,0 +1,161 @@
+"""The Snakemake DAG on the demo: a real run, the quality orderings it must show,
+and which stages rerun after each kind of change (dry runs)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, SCI_ITEMS, SCI_USERS, need_scientific
+
+pytestmark = pytest.mark.slow
+
+TARGET = ["vs_tiny", "va_tiny_llama_gptq", "text_only_tiny", "image_only_tiny", "frozen_tiny", "popularity"]
+OVERLAY = {  # a smaller demo than the README's, same code path
+    "datasets": {"demo": {"synth": {"items": 600, "users": 2000, "seed": 0},
+                          "train": {"lr": 2.0e-3, "lr_san": 2.0e-3, "batch_size": 64, "epochs": 20, "patience": 10}},
+                 "scientific": {"items": str(SCI_ITEMS), "users": str(SCI_USERS)}},
+    "default_target": {"datasets": ["demo"], "experiments": TARGET},
+}
+
+
+def snakemake(workdir, *args, overlays=(), check=True):
+    files = ["config.yaml", "overlay.yaml", *overlays]
+    env = dict(os.environ, PYTHONPATH=str(workdir))  # the copied package: code edits there count
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    r = subprocess.run([sys.executable, "-m", "snakemake", "--configfile", *files, *args], cwd=workdir,
+                       capture_output=True, text=True, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
+    return r.stdout + r.stderr
+
+
+def job_counts(out: str) -> dict:
+    """The 'Job stats' table of a dry run: {rule: count}."""
+    if "Nothing to be done" in out:
+        return {}
+    lines = out.split("Job stats:")[1].splitlines()[3:]
+    counts = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def overlay(workdir, name, data):
+    (workdir / name).write_text(yaml.safe_dump(data))
+    return name
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("wf")
+    for item in ("Snakefile", "config.yaml", "workflow", "iisan", "envs"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, wd / item)
+    overlay(wd, "overlay.yaml", OVERLAY)
+    out = snakemake(wd, "--cores", "2")
+    return wd, out
+
+
+def metric(wd, exp):
+    return json.loads((wd / "results/demo" / exp / "metrics.json").read_text())["test"]["HR@10"]
+
+
+def test_demo_dag_produces_report_tables_and_plots(demo_run):
+    wd, _ = demo_run
+    rep = wd / "results/report"
+    for f in ("main.md", "main.csv", "scaling.md", "ablation.md", "efficiency.md", "efficiency.csv", "storage.md",
+              "hr_by_text_encoder.png", "time_memory_by_method.png", "cache_storage.png"):
+        assert (rep / f).is_file() and (rep / f).stat().st_size > 0, f
+    assert "IISAN-VS (tiny BERT+ViT)" in (rep / "main.md").read_text()
+    assert "tiny-llama-gptq/even6" in (rep / "storage.md").read_text()
+    for exp in TARGET:
+        for f in ("metrics.json", "efficiency.json"):
+            assert (wd / "results/demo" / exp / f).is_file()
+        assert (wd / "results/logs/demo" / exp / "train.log").is_file()
+        assert (wd / "results/benchmarks/demo" / exp / "train.tsv").is_file()
+
+
+def test_demo_quality_orderings(demo_run):
+    wd, _ = demo_run
+    hr = {e: metric(wd, e) for e in TARGET}
+    for full in ("vs_tiny", "va_tiny_llama_gptq"):
+        for floor in ("popularity", "frozen_tiny"):
+            assert hr[full] >= 1.5 * hr[floor] and hr[full] >= hr[floor] + 0.03, hr
+        for single in ("text_only_tiny", "image_only_tiny"):
+            assert hr[full] > hr[single] + 0.03, hr
+    for single in ("text_only_tiny", "image_only_tiny"):
+        assert hr[single] > hr["popularity"], hr
+
+
+def test_nothing_reruns_without_a_change(demo_run):
+    wd, _ = demo_run
+    assert job_counts(snakemake(wd, "-n", "--cores", "1")) == {}
+
+
+def test_training_setting_reruns_training_and_report_only(demo_run):
+    wd, _ = demo_run
+    ov = overlay(wd, "lr.yaml", {"datasets": {"demo": {"train": {"lr": 1.0e-3}}}})
+    counts = job_counts(snakemake(wd, "-n", "--cores", "1", overlays=[ov]))
+    assert counts == {"train": len(TARGET), "report": 1, "all": 1}
+
+
+def test_layer_selection_reruns_that_extraction_and_its_dependants(demo_run):
+    wd, _ = demo_run
+    ov = overlay(wd, "layers.yaml", {"experiments": {"vs_tiny": {"text": {"backbone": "tiny-bert", "layers": {"n": 3}}}}})
+    out = snakemake(wd, "-n", "--cores", "1", overlays=[ov])
+    assert job_counts(out) == {"extract_shard": 1, "cache_verify": 1, "train": 1, "report": 1, "all": 1}
+    assert "results/demo/cache/tiny-bert/even3.done" in out
+
+
+def _edit(path):
+    original = path.read_text()
+    path.write_text(original + "\n# an edit\n")
+    return original
+
+
+def test_code_change_reruns_the_stages_that_use_it(demo_run):
+    wd, _ = demo_run
+    train_py = wd / "iisan/train.py"
+    original = _edit(train_py)
+    try:
+        assert job_counts(snakemake(wd, "-n", "--cores", "1")) == {"train": len(TARGET), "report": 1, "all": 1}
+    finally:
+        train_py.write_text(original)
+    extract_py = wd / "iisan/extract.py"
+    original = _edit(extract_py)
+    try:
+        counts = job_counts(snakemake(wd, "-n", "--cores", "1"))
+    finally:
+        extract_py.write_text(original)
+    # three caches (tiny-bert, tiny-vit, tiny-llama-gptq) and everything trained on them
+    assert counts == {"extract_shard": 3, "cache_verify": 3, "train": len(TARGET) - 1, "report": 1, "all": 1}
+
+
+def test_llama3_70b_target_dry_run_and_slurm_profile(demo_run):
+    need_scientific()
+    wd, _ = demo_run
+    target = "results/scientific/va_llama3_70b/metrics.json"
+    out = snakemake(wd, "-n", "--cores", "1", target)
+    assert job_counts(out) == {"prepare": 1, "cache_init": 1, "extract_shard": 5, "cache_verify": 2, "train": 1}
+    assert "results/scientific/cache/llama3-70b-gptq/even6.shards/3-of-4.done" in out
+    out = snakemake(wd, "-n", "--profile", "workflow/profiles/slurm", target)
+    assert "gpu=1" in out and "runtime=720" in out and job_counts(out)["extract_shard"] == 5
+
+
+def test_bad_config_is_rejected_with_the_key(demo_run):
+    wd, _ = demo_run
+    ov = overlay(wd, "bad.yaml", {"experiments": {"vs_tiny": {"text": {"backbone": "bert-xxl"}}}})
+    out = snakemake(wd, "-n", "--cores", "1", overlays=[ov], check=False)
+    assert "experiments.vs_tiny.text.backbone='bert-xxl' is not a key of `backbones`" in out
+    ov = overlay(wd, "bad2.yaml", {"backbones": {"tiny-bert": {"model": "x", "modality": "audio"}}})
+    out = snakemake(wd, "-n", "--cores", "1", overlays=[ov], check=False)
+    assert "audio" in out and "ValidationError" in out
