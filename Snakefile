@@ -16,6 +16,7 @@ wildcard_constraints:
     exp="[^/]+",
     backbone="[^/]+",
     tag="[^/.]+",
+    target="[^/]+",
     shard=r"\d+",
     n=r"\d+",
 

@@ -163,6 +163,7 @@ class Backbone:
         tok = AutoTokenizer.from_pretrained(self.spec.model, **kw)
         if tok.pad_token is None:  # LLM tokenizers often have none; masked pooling makes the choice irrelevant
             tok.pad_token = tok.eos_token or tok.unk_token
+        tok.padding_side = "right"  # real tokens keep positions 0..n-1 in decoders too
         return tok
 
     @property
@@ -180,9 +181,13 @@ class Backbone:
             enc = self.processor(images=list(batch), return_tensors="pt")
         return dict(enc)
 
-    @torch.no_grad()
-    def forward(self, inputs: dict, layers: list[int]) -> torch.Tensor:
-        """Pooled hidden states of ``layers`` -> (B, K, H), in the model's dtype, on its device."""
+    def forward(self, inputs: dict, layers: list[int], grad: bool = False) -> torch.Tensor:
+        """Pooled hidden states of ``layers`` -> (B, K, H), in the model's dtype, on its device.
+        ``grad=True`` is for embedded fine-tuning (FFT, LoRA, adapters, BitFit)."""
+        with torch.set_grad_enabled(grad):
+            return self._forward(inputs, layers)
+
+    def _forward(self, inputs: dict, layers: list[int]) -> torch.Tensor:
         inputs = {k: v.to(self.input_device, non_blocking=True) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)

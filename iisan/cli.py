@@ -102,10 +102,15 @@ def cmd_cache_info(a):
 def cmd_train(a):
     from iisan.train import TrainConfig, train
 
+    from iisan.backbones import BackboneSpec
+
     settings = _json_arg(a.settings, "settings") if a.settings else {}
     cfg = TrainConfig.from_dict(settings)
+    backbones = {m: BackboneSpec.from_config(_json_arg(v, f"{m}-backbone")) for m, v in
+                 (("text", a.text_backbone), ("image", a.image_backbone)) if v}
+    layers = {m: _json_arg(v, f"{m}-layers") for m, v in (("text", a.text_layers), ("image", a.image_layers)) if v}
     m = train(a.data, a.out, cfg, text_cache=a.text_cache, image_cache=a.image_cache,
-              extra_meta={"experiment": a.name} if a.name else None)
+              extra_meta={"experiment": a.name} if a.name else None, backbones=backbones, layers=layers)
     print(json.dumps({"valid": m["valid"], "test": m["test"], "best_epoch": m["best_epoch"]}))
 
 
@@ -173,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--text-cache")
     s.add_argument("--image-cache")
+    s.add_argument("--text-backbone", help="backbone spec JSON, for methods that run backbones in the loop")
+    s.add_argument("--image-backbone", help="backbone spec JSON, for methods that run backbones in the loop")
+    s.add_argument("--text-layers", help="layer selection JSON for uncached IISAN")
+    s.add_argument("--image-layers", help="layer selection JSON for uncached IISAN")
     s.add_argument("--settings", help="training settings as JSON (inline or @file)")
     s.add_argument("--name", help="experiment name recorded in metrics.json")
     s.add_argument("--out", required=True)

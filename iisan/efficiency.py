@@ -12,8 +12,9 @@ TPME_WEIGHTS = (0.45, 0.1, 0.45)  # time, parameters, memory
 
 
 class PeakMemory:
-    """Peak memory inside a ``with`` block: accelerator bytes on CUDA (allocator peak),
-    otherwise resident set size sampled every few milliseconds by a thread."""
+    """Peak memory inside ``with`` blocks (the maximum over all of them): accelerator
+    bytes on CUDA (allocator peak), otherwise resident set size sampled every few
+    milliseconds by a thread."""
 
     def __init__(self, device: torch.device, interval: float = 0.005):
         self.device, self.interval = torch.device(device), interval
@@ -26,7 +27,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
         self._proc, self._stop = psutil.Process(), threading.Event()
-        self.peak_bytes = self._proc.memory_info().rss
+        self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
 
         def sample():
             while not self._stop.wait(self.interval):

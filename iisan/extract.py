@@ -58,7 +58,7 @@ def cache_attrs(data: PreparedData, spec: BackboneSpec, layers_spec, chunk_items
     }
 
 
-class _Inputs:
+class ItemInputs:
     """Turns item ids into raw model inputs (titles or decoded images)."""
 
     def __init__(self, data: PreparedData, backbone: Backbone):
@@ -91,7 +91,7 @@ def extract(data_dir, spec: BackboneSpec, layers_spec, store, *, chunk_items: in
     t_load = time.perf_counter()
     backbone = Backbone(spec, device or default_device())
     stats["load_seconds"] = time.perf_counter() - t_load
-    make_inputs = _Inputs(data, backbone)
+    make_inputs = ItemInputs(data, backbone)
     layers, bs = attrs["layers"], spec.batch_size
     cuda = backbone.input_device.type == "cuda"
     t0 = time.perf_counter()

@@ -16,6 +16,9 @@ STAGE_MODULES = {
     "backbones": ("tiny.py",),
     "extract": ("extract.py", "backbones.py", "cache.py", "layers.py", "images.py"),
     "train": ("train.py", "san.py", "seqenc.py", "loss.py", "metrics.py", "efficiency.py", "cache.py"),
+    # methods that run backbones in the loop also depend on how items are encoded
+    "train_live": ("train.py", "san.py", "seqenc.py", "loss.py", "metrics.py", "efficiency.py", "cache.py",
+                   "embedded.py", "backbones.py", "extract.py", "images.py"),
     "report": ("report.py", "efficiency.py"),
 }
 

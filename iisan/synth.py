@@ -28,7 +28,7 @@ SIZES = ["mini", "compact", "standard", "large", "pro", "lab-grade", "portable",
 SHAPES = ["circle", "square", "triangle"]
 
 
-def _image(rng: np.random.Generator, colour, size: int) -> Image.Image:
+def draw_item_image(rng: np.random.Generator, colour, size: int) -> Image.Image:
     # pale random background, one shape in the trait colour at a random place;
     # shape and background are distractors, the fill colour is the signal
     bg = tuple(int(v) for v in rng.integers(200, 256, 3))
@@ -68,7 +68,7 @@ def synthesize(out, n_items: int = 1000, n_users: int = 3000, seed: int = 0, ima
             title = (f"{BRANDS[rng.integers(len(BRANDS))]} {SIZES[rng.integers(len(SIZES))]} "
                      f"{MATERIALS[rng.integers(len(MATERIALS))]} {KINDS[kind[i]]} model {rng.integers(100, 999)}")
             f.write(f"{a}\t{title}\n")
-            _image(rng, COLOURS[colours[colour[i]]], image_size).save(out / "images" / f"{a}.jpg", quality=92)
+            draw_item_image(rng, COLOURS[colours[colour[i]]], image_size).save(out / "images" / f"{a}.jpg", quality=92)
 
     users_path = out / f"am_{name}_users.tsv"
     with users_path.open("w", encoding="utf-8") as f:

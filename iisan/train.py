@@ -4,7 +4,9 @@ Methods (``TrainConfig.method``):
 - ``iisan``: SAN towers on cached hidden states (VS, VA or text-only by the caches given);
 - ``frozen``: a Linear head on each modality's last cached layer (frozen-backbone anchor);
 - ``id``: ID-based SASRec (no content);
-- ``pop``: rank by training popularity (no training; the floor every model must beat).
+- ``pop``: rank by training popularity (no training; the floor every model must beat);
+- ``uncached``: IISAN with the frozen backbones run inside the loop (no cache);
+- ``fft``, ``lora``, ``adapter``, ``bitfit``: embedded PEFT / full fine-tuning baselines.
 The cached layers of every item sit in memory (on the accelerator when present);
 a step runs the item encoder on the batch's unique item ids only.
 """
@@ -35,7 +37,9 @@ from iisan.seqenc import SequenceEncoder
 
 log = logging.getLogger(__name__)
 
-METHODS = ("iisan", "frozen", "id", "pop")
+CACHED = ("iisan", "frozen")
+LIVE = ("uncached", "fft", "lora", "adapter", "bitfit")  # need backbones, not caches
+METHODS = CACHED + LIVE + ("id", "pop")
 
 
 @dataclass
@@ -114,20 +118,22 @@ class CachedFeatures:
 class Recommender(torch.nn.Module):
     """Item encoder + sequence encoder; scores users against items."""
 
-    def __init__(self, cfg: TrainConfig, n_items: int, features: CachedFeatures | None, max_len: int):
+    def __init__(self, cfg: TrainConfig, n_items: int, features, max_len: int, items: torch.nn.Module | None = None):
         super().__init__()
         self.features = features
-        if cfg.method == "id":
+        if items is not None:
+            self.items = items
+        elif cfg.method == "id":
             self.items = IDItemEncoder(n_items, cfg.d)
         else:
             (kt, wt), (kv, wv) = features.shape("text"), features.shape("image")
             scfg = SANConfig(d=cfg.d, bottleneck=cfg.bottleneck, text_taps=kt, text_width=wt, image_taps=kv,
                              image_width=wv, intra=cfg.intra, inter=cfg.inter, learned_gates=cfg.learned_gates)
-            self.items = (SANItemEncoder if cfg.method == "iisan" else FrozenItemEncoder)(scfg)
+            self.items = (FrozenItemEncoder if cfg.method == "frozen" else SANItemEncoder)(scfg)
         self.seq = SequenceEncoder(cfg.d, max_len, cfg.blocks, cfg.heads, cfg.dropout)
 
     def embed_items(self, ids: torch.Tensor) -> torch.Tensor:  # (M,) -> (M, d)
-        if isinstance(self.items, IDItemEncoder):
+        if self.features is None:  # ID embeddings, or an encoder that reads raw items itself
             return self.items(ids)
         return self.items(*self.features(ids))
 
@@ -141,10 +147,8 @@ class Recommender(torch.nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: Recommender, inputs, targets, history, batch: int, k: int, device) -> dict:
+def evaluate(model: Recommender, n1: int, inputs, targets, history, batch: int, k: int, device) -> dict:
     model.eval()
-    n1 = model.features.text.shape[0] if model.features is not None and model.features.text is not None else None
-    n1 = n1 or (model.features.image.shape[0] if model.features is not None else model.items.emb.num_embeddings)
     all_ids = torch.arange(n1, device=device)
     items = torch.cat([model.embed_items(all_ids[i:i + batch]) for i in range(0, n1, batch)])  # (N+1, d)
     ranks = []
@@ -176,9 +180,37 @@ def _popularity(data: PreparedData, out: Path, cfg: TrainConfig, extra_meta) -> 
     return metrics
 
 
-def train(data_dir, out_dir, cfg: TrainConfig, text_cache=None, image_cache=None, extra_meta: dict | None = None) -> dict:
+def _build(cfg: TrainConfig, data: PreparedData, device, text_cache, image_cache, backbones, layers, max_len):
+    """The model for ``cfg.method`` and what it reads items from."""
+    if cfg.method in CACHED:
+        if text_cache is None and image_cache is None:
+            raise ConfigError(f"method {cfg.method!r} needs a text and/or an image cache (--text-cache/--image-cache)")
+        features = CachedFeatures(data, text_cache, image_cache, device)
+        return Recommender(cfg, data.n_items, features, max_len), features
+    if cfg.method in LIVE:
+        from iisan.embedded import EmbeddedItemEncoder, LiveFeatures, load_backbones
+        from iisan.layers import select_layers
+
+        specs = {m: s for m, s in (backbones or {}).items() if s is not None}
+        if not specs:
+            raise ConfigError(f"method {cfg.method!r} runs backbones in the loop: give --text-backbone and/or --image-backbone")
+        loaded = load_backbones(specs, device)
+        if cfg.method == "uncached":
+            taps = {m: select_layers(b.info["n_layers"], (layers or {}).get(m) or {}) for m, b in loaded.items()}
+            features = LiveFeatures(data, loaded, taps)
+            return Recommender(cfg, data.n_items, features, max_len), features
+        items = EmbeddedItemEncoder(data, loaded, cfg.method, cfg.d)
+        return Recommender(cfg, data.n_items, None, max_len, items=items), None
+    return Recommender(cfg, data.n_items, None, max_len), None
+
+
+def train(data_dir, out_dir, cfg: TrainConfig, text_cache=None, image_cache=None, extra_meta: dict | None = None,
+          backbones: dict | None = None, layers: dict | None = None) -> dict:
     """Train, early-stop on valid HR@10, and write metrics.json, model.pt,
-    efficiency.json and gates.json into ``out_dir``. Returns the metrics."""
+    efficiency.json and gates.json into ``out_dir``. Returns the metrics.
+
+    Cached methods read ``text_cache``/``image_cache`` (Zarr stores); live ones
+    load ``backbones`` ({"text"|"image": BackboneSpec}) with ``layers`` specs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -187,12 +219,10 @@ def train(data_dir, out_dir, cfg: TrainConfig, text_cache=None, image_cache=None
     data = PreparedData.load(data_dir)
     if cfg.method == "pop":
         return _popularity(data, out, cfg, extra_meta)
-    if cfg.method != "id" and text_cache is None and image_cache is None:
-        raise ConfigError(f"method {cfg.method!r} needs a text and/or an image cache")
-    features = None if cfg.method == "id" else CachedFeatures(data, text_cache, image_cache, device)
     sp = {k: torch.as_tensor(v, device=device) for k, v in data.splits.items()}
-    max_len = sp["valid_input"].shape[1]
-    model = Recommender(cfg, data.n_items, features, max_len).to(device)
+    max_len, n1 = sp["valid_input"].shape[1], data.n_items + 1
+    model, features = _build(cfg, data, device, text_cache, image_cache, backbones, layers, max_len)
+    model = model.to(device)
     log_pop = torch.log(torch.as_tensor(data.popularity, dtype=torch.float32, device=device).clamp_min(1e-12))
 
     san = {id(p) for p in model.items.san_parameters()}
@@ -203,51 +233,51 @@ def train(data_dir, out_dir, cfg: TrainConfig, text_cache=None, image_cache=None
     train_seqs = sp["train"]
     train_seqs = train_seqs[(train_seqs != 0).sum(1) >= 2]  # at least one (input, target) pair
     n_batches = math.ceil(len(train_seqs) / cfg.batch_size)
-    params = count_parameters(model)
+    frozen = [b.model for b in getattr(features, "backbones", {}).values()]  # uncached: backbones outside the model
+    params = count_parameters(model, *frozen)
     log.info("%s: %d users, %d items, %s trainable parameters, device %s", cfg.method, len(train_seqs), data.n_items,
              f"{params['trainable_parameters']:,}", device)
 
     best = {"valid": None, "epoch": 0, "state": None}
     history, epoch_seconds = [], []
-    watch = Stopwatch(device)
-    with PeakMemory(device) as peak:
-        for epoch in range(1, cfg.epochs + 1):
-            model.train()
-            order = torch.as_tensor(rng.permutation(len(train_seqs)), device=device)
-            losses = []
-            t_epoch = watch.seconds
-            with watch:
-                for b in tqdm(range(n_batches), desc=f"epoch {epoch}", unit="batch", leave=False, disable=None):
-                    seqs = train_seqs[order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]  # (B, L+1)
-                    slots = model.embed_slots(seqs)  # (B, L+1, d)
-                    user = model.seq(slots[:, :-1], seqs[:, :-1] != 0)  # (B, L, d)
-                    loss = debiased_in_batch_ce(user, slots, seqs, log_pop)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    losses.append(loss.detach())
-            epoch_seconds.append(watch.seconds - t_epoch)
-            t_eval = time.perf_counter()
-            valid = evaluate(model, sp["valid_input"], sp["valid_target"], sp["valid_history"], cfg.eval_batch_size, cfg.metric_k, device)
-            mean_loss = torch.stack(losses).mean().item()
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"training loss became {mean_loss} at epoch {epoch}; lower `lr`")
-            hr = valid[f"HR@{cfg.metric_k}"]
-            improved = best["valid"] is None or hr > best["valid"][f"HR@{cfg.metric_k}"]
-            if improved:
-                best = {"valid": valid, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
-                torch.save({"state_dict": best["state"], "config": asdict(cfg), "epoch": epoch}, out / "model.pt.tmp")
-                os.replace(out / "model.pt.tmp", out / "model.pt")
-            history.append({"epoch": epoch, "loss": mean_loss, **{f"valid_{k}": v for k, v in valid.items()},
-                            "train_seconds": epoch_seconds[-1], "eval_seconds": time.perf_counter() - t_eval})
-            log.info("epoch %3d  loss %.4f  valid HR@%d %.4f  NDCG@%d %.4f  %.1fs%s", epoch, mean_loss, cfg.metric_k, hr,
-                     cfg.metric_k, valid[f"NDCG@{cfg.metric_k}"], epoch_seconds[-1], "  *" if improved else "")
-            if epoch - best["epoch"] >= cfg.patience:
-                log.info("early stop: no better valid HR@%d for %d epochs", cfg.metric_k, cfg.patience)
-                break
+    watch, peak = Stopwatch(device), PeakMemory(device)  # both cover training steps only, not evaluation
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = torch.as_tensor(rng.permutation(len(train_seqs)), device=device)
+        losses = []
+        t_epoch = watch.seconds
+        with peak, watch:
+            for b in tqdm(range(n_batches), desc=f"epoch {epoch}", unit="batch", leave=False, disable=None):
+                seqs = train_seqs[order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]  # (B, L+1)
+                slots = model.embed_slots(seqs)  # (B, L+1, d)
+                user = model.seq(slots[:, :-1], seqs[:, :-1] != 0)  # (B, L, d)
+                loss = debiased_in_batch_ce(user, slots, seqs, log_pop)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.detach())
+        epoch_seconds.append(watch.seconds - t_epoch)
+        t_eval = time.perf_counter()
+        valid = evaluate(model, n1, sp["valid_input"], sp["valid_target"], sp["valid_history"], cfg.eval_batch_size, cfg.metric_k, device)
+        mean_loss = torch.stack(losses).mean().item()
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"training loss became {mean_loss} at epoch {epoch}; lower `lr`")
+        hr = valid[f"HR@{cfg.metric_k}"]
+        improved = best["valid"] is None or hr > best["valid"][f"HR@{cfg.metric_k}"]
+        if improved:
+            best = {"valid": valid, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+            torch.save({"state_dict": best["state"], "config": asdict(cfg), "epoch": epoch}, out / "model.pt.tmp")
+            os.replace(out / "model.pt.tmp", out / "model.pt")
+        history.append({"epoch": epoch, "loss": mean_loss, **{f"valid_{k}": v for k, v in valid.items()},
+                        "train_seconds": epoch_seconds[-1], "eval_seconds": time.perf_counter() - t_eval})
+        log.info("epoch %3d  loss %.4f  valid HR@%d %.4f  NDCG@%d %.4f  %.1fs%s", epoch, mean_loss, cfg.metric_k, hr,
+                 cfg.metric_k, valid[f"NDCG@{cfg.metric_k}"], epoch_seconds[-1], "  *" if improved else "")
+        if epoch - best["epoch"] >= cfg.patience:
+            log.info("early stop: no better valid HR@%d for %d epochs", cfg.metric_k, cfg.patience)
+            break
 
     model.load_state_dict(best["state"])
-    test = evaluate(model, sp["test_input"], sp["test_target"], sp["test_history"], cfg.eval_batch_size, cfg.metric_k, device)
+    test = evaluate(model, n1, sp["test_input"], sp["test_target"], sp["test_history"], cfg.eval_batch_size, cfg.metric_k, device)
     log.info("best epoch %d: valid %s  test %s", best["epoch"], best["valid"], test)
     metrics = {"valid": best["valid"], "test": test, "best_epoch": best["epoch"], "epochs_run": len(history),
                "seed": cfg.seed, "config": asdict(cfg), "dataset": data.meta, "history": history,

@@ -20,7 +20,7 @@ OVERLAY = {  # a smaller demo than the README's, same code path
     "datasets": {"demo": {"synth": {"items": 600, "users": 2000, "seed": 0},
                           "train": {"lr": 2.0e-3, "lr_san": 2.0e-3, "batch_size": 64, "epochs": 20, "patience": 10}},
                  "scientific": {"items": str(SCI_ITEMS), "users": str(SCI_USERS)}},
-    "default_target": {"datasets": ["demo"], "experiments": TARGET},
+    "targets": {"demo": {"datasets": ["demo"], "experiments": TARGET}},
 }
 
 
@@ -71,7 +71,7 @@ def metric(wd, exp):
 
 def test_demo_dag_produces_report_tables_and_plots(demo_run):
     wd, _ = demo_run
-    rep = wd / "results/report"
+    rep = wd / "results/report/demo"
     for f in ("main.md", "main.csv", "scaling.md", "ablation.md", "efficiency.md", "efficiency.csv", "storage.md",
               "hr_by_text_encoder.png", "time_memory_by_method.png", "cache_storage.png"):
         assert (rep / f).is_file() and (rep / f).stat().st_size > 0, f

@@ -1,5 +1,6 @@
 # Input functions and config lookups. Anything bigger belongs in the iisan package.
 import json
+import shlex
 
 from iisan.layers import spec_tag
 from iisan.provenance import code_hash
@@ -19,19 +20,23 @@ def check_config():
                 raise ValueError(f"config.yaml: experiments.{name}.{tower}.backbone={exp[tower]['backbone']!r} is not a key of `backbones`")
             if tower in exp and config["backbones"][exp[tower]["backbone"]]["modality"] != tower:
                 raise ValueError(f"config.yaml: experiments.{name}.{tower} uses {exp[tower]['backbone']!r}, a {config['backbones'][exp[tower]['backbone']]['modality']} backbone")
-        if exp.get("method", "iisan") in ("iisan", "frozen") and not ("text" in exp or "image" in exp):
+        if exp.get("method", "iisan") not in ("id", "pop") and not ("text" in exp or "image" in exp):
             raise ValueError(f"config.yaml: experiments.{name} needs a `text` and/or `image` tower for method {exp.get('method', 'iisan')!r}")
-    for ds in config["default_target"]["datasets"]:
-        _need("datasets", ds)
-    for e in config["default_target"]["experiments"]:
-        _need("experiments", e)
+    _need("targets", config["default_target"])
+    for t in config["targets"].values():
+        for ds in t["datasets"]:
+            _need("datasets", ds)
+        for e in t["experiments"]:
+            _need("experiments", e)
 
 
 check_config()
 
+LIVE_METHODS = ("uncached", "fft", "lora", "adapter", "bitfit")  # backbones run inside training
+
 
 def get_final_output():
-    return ["results/report/summary.json"]
+    return [f"results/report/{config['default_target']}/summary.json"]
 
 
 def raw_files(ds):
@@ -73,10 +78,13 @@ def layers_for(wildcards):
     raise ValueError(f"no experiment selects layers {wildcards.tag!r} of backbone {wildcards.backbone!r}")
 
 
-def get_backbone_inputs(wildcards):
+def tiny_stamp(backbone):
     """A tiny backbone is built by the pipeline; real ones come from the hub cache."""
-    b = _need("backbones", wildcards.backbone)
-    return [f"results/backbones/{wildcards.backbone}/iisan-tiny.json"] if b.get("tiny") else []
+    return [f"results/backbones/{backbone}/iisan-tiny.json"] if _need("backbones", backbone).get("tiny") else []
+
+
+def get_backbone_inputs(wildcards):
+    return tiny_stamp(wildcards.backbone)
 
 
 def nshards(backbone):
@@ -99,9 +107,21 @@ def experiment(name):
     return _need("experiments", name)
 
 
-def get_train_caches(wildcards):
+def is_live(exp_name):
+    return experiment(exp_name).get("method", "iisan") in LIVE_METHODS
+
+
+def get_train_inputs(wildcards):
+    """Caches for cached methods; the backbones themselves for methods that run them in the loop."""
     exp = experiment(wildcards.exp)
-    return {t: cache_path(wildcards.ds, exp[t], ".done") for t in ("text", "image") if t in exp}
+    towers = [t for t in ("text", "image") if t in exp]
+    if is_live(wildcards.exp):
+        return {f"{t}_backbone": tiny_stamp(exp[t]["backbone"]) for t in towers}
+    return {t: cache_path(wildcards.ds, exp[t], ".done") for t in towers}
+
+
+def train_code(wildcards):
+    return code_hash("train_live" if is_live(wildcards.exp) else "train")
 
 
 def train_settings(wildcards):
@@ -113,18 +133,33 @@ def train_settings(wildcards):
     return json.dumps(s, sort_keys=True)
 
 
-def cache_flags(wildcards):
-    caches = get_train_caches(wildcards)
-    return " ".join(f"--{t}-cache {cache_path(wildcards.ds, experiment(wildcards.exp)[t], '.zarr')}" for t in caches)
+def item_flags(wildcards):
+    """How `iisan train` reads items: --{t}-cache stores, or --{t}-backbone/--{t}-layers specs."""
+    exp = experiment(wildcards.exp)
+    flags = []
+    for t in ("text", "image"):
+        if t not in exp:
+            continue
+        if is_live(wildcards.exp):
+            flags += [f"--{t}-backbone", shlex.quote(backbone_json(exp[t]["backbone"])),
+                      f"--{t}-layers", shlex.quote(json.dumps(tower_layers(exp[t]), sort_keys=True))]
+        else:
+            flags += [f"--{t}-cache", cache_path(wildcards.ds, exp[t], ".zarr")]
+    return " ".join(flags)
 
 
-def target_runs():
-    return [(ds, e) for ds in config["default_target"]["datasets"] for e in config["default_target"]["experiments"]]
+def target_runs(target):
+    t = _need("targets", target)
+    return [(ds, e) for ds in t["datasets"] for e in t["experiments"]]
 
 
-def report_experiments():
+def get_report_inputs(wildcards):
+    return [f"results/{ds}/{e}/metrics.json" for ds, e in target_runs(wildcards.target)]
+
+
+def report_experiments(wildcards):
     out = {}
-    for ds, e in target_runs():
+    for ds, e in target_runs(wildcards.target):
         exp = experiment(e)
         text = exp.get("text", {}).get("backbone")
         out.setdefault(ds, {})[e] = {"group": exp.get("group", "main"), "label": exp.get("label", e), "text_backbone": text,

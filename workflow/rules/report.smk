@@ -1,16 +1,16 @@
 rule report:
     input:
-        [f"results/{ds}/{e}/metrics.json" for ds, e in target_runs()],
+        get_report_inputs,
     output:
-        "results/report/summary.json",
+        "results/report/{target}/summary.json",
     params:
-        experiments=report_experiments(),
+        experiments=report_experiments,
         code=code_hash("report"),
     conda:
         "../../envs/iisan.yaml"
     log:
-        "results/logs/report.log",
+        "results/logs/report/{target}.log",
     benchmark:
-        "results/benchmarks/report.tsv"
+        "results/benchmarks/report/{target}.tsv"
     shell:
-        "iisan --log {log} report --results results --experiments {params.experiments:q} --out results/report"
+        "iisan --log {log} report --results results --experiments {params.experiments:q} --out results/report/{wildcards.target}"

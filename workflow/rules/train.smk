@@ -1,14 +1,14 @@
 rule train:
     input:
-        unpack(get_train_caches),
+        unpack(get_train_inputs),
         data="results/{ds}/data",
     output:
         metrics="results/{ds}/{exp}/metrics.json",
         efficiency="results/{ds}/{exp}/efficiency.json",
     params:
         settings=train_settings,
-        caches=cache_flags,
-        code=code_hash("train"),
+        item_flags=item_flags,
+        code=train_code,
     resources:
         gpu=1,
     conda:
@@ -18,5 +18,5 @@ rule train:
     benchmark:
         "results/benchmarks/{ds}/{exp}/train.tsv"
     shell:
-        "iisan --log {log} train --data {input.data} {params.caches} --settings {params.settings:q} "
+        "iisan --log {log} train --data {input.data} {params.item_flags} --settings {params.settings:q} "
         "--name {wildcards.exp} --out results/{wildcards.ds}/{wildcards.exp}"
