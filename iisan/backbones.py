@@ -110,6 +110,26 @@ def model_info(spec: BackboneSpec) -> dict:
             "image_size": getattr(cfg, "image_size", None)}
 
 
+def processor_image_size(processor, fallback: int | None = 224) -> int | None:
+    """Side length images are resized to by an image processor."""
+    size = getattr(processor, "size", None) or {}
+    return int(size.get("height") or size.get("shortest_edge") or fallback)
+
+
+def load_processor(spec: BackboneSpec):
+    """The tokenizer (text) or image processor (image) of a backbone."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    kw = dict(revision=spec.revision, local_files_only=spec.local_files_only)
+    if spec.modality == "image":
+        return AutoImageProcessor.from_pretrained(spec.model, **kw)
+    tok = AutoTokenizer.from_pretrained(spec.model, **kw)
+    if tok.pad_token is None:  # LLM tokenizers often have none; masked pooling makes the choice irrelevant
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"  # real tokens keep positions 0..n-1 in decoders too
+    return tok
+
+
 def resolve_dtype(spec: BackboneSpec, info: dict, device: torch.device) -> torch.dtype:
     if spec.dtype != "auto":
         return DTYPES[spec.dtype]
@@ -151,27 +171,12 @@ class Backbone:
         hf_map = getattr(self.model, "hf_device_map", None)
         first = next(iter(hf_map.values())) if hf_map else self.device
         self.input_device = torch.device("cpu" if first in ("disk", "meta") else first)
-        self.processor = self._processor()
+        self.processor = load_processor(spec)
         self.revision = spec.revision or getattr(self.model.config, "_commit_hash", None)
-
-    def _processor(self):
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        kw = dict(revision=self.spec.revision, local_files_only=self.spec.local_files_only)
-        if self.spec.modality == "image":
-            return AutoImageProcessor.from_pretrained(self.spec.model, **kw)
-        tok = AutoTokenizer.from_pretrained(self.spec.model, **kw)
-        if tok.pad_token is None:  # LLM tokenizers often have none; masked pooling makes the choice irrelevant
-            tok.pad_token = tok.eos_token or tok.unk_token
-        tok.padding_side = "right"  # real tokens keep positions 0..n-1 in decoders too
-        return tok
 
     @property
     def image_size(self) -> int | None:
-        if self.spec.modality != "image":
-            return None
-        size = getattr(self.processor, "size", None) or {}
-        return int(size.get("height") or size.get("shortest_edge") or self.info["image_size"])
+        return processor_image_size(self.processor, self.info["image_size"]) if self.spec.modality == "image" else None
 
     def encode_inputs(self, batch) -> dict:
         """Titles (list[str]) or PIL images -> model inputs on the input device (CPU work)."""

@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log, args.verbose)
+    log_file = args.log or (str(Path(args.out) / "train.log") if args.command == "train" else None)  # every run keeps its log
+    _setup_logging(log_file, args.verbose)
     try:
         args.func(args)
     except IisanError as e:

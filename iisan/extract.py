@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from iisan import cache
-from iisan.backbones import Backbone, BackboneSpec, default_device, model_info
+from iisan.backbones import Backbone, BackboneSpec, default_device, load_processor, model_info, processor_image_size
 from iisan.data import PreparedData
 from iisan.errors import ConfigError, DataError
 from iisan.layers import select_layers
@@ -31,16 +31,6 @@ def shard_chunks(n_chunks: int, shard: int, nshards: int) -> range:
     return range(shard * per, min((shard + 1) * per, n_chunks))
 
 
-def _image_size(spec: BackboneSpec) -> int | None:
-    if spec.modality != "image":
-        return None
-    from transformers import AutoImageProcessor
-
-    proc = AutoImageProcessor.from_pretrained(spec.model, revision=spec.revision, local_files_only=spec.local_files_only)
-    size = getattr(proc, "size", None) or {}
-    return int(size.get("height") or size.get("shortest_edge") or 224)
-
-
 def cache_attrs(data: PreparedData, spec: BackboneSpec, layers_spec, chunk_items: int) -> dict:
     """What identifies a cache: checked against an existing store before any work."""
     info = model_info(spec)
@@ -52,7 +42,7 @@ def cache_attrs(data: PreparedData, spec: BackboneSpec, layers_spec, chunk_items
         "n_layers": info["n_layers"], "layers": select_layers(info["n_layers"], layers_spec),
         "pooling": info["pooling"], "hidden": info["hidden"], "quantization": info["quantization"],
         "dtype": "float16", "max_text_len": spec.max_text_len if spec.modality == "text" else None,
-        "image_size": _image_size(spec),
+        "image_size": processor_image_size(load_processor(spec)) if spec.modality == "image" else None,
         "input_fingerprint": data.meta["text_fingerprint" if spec.modality == "text" else "image_fingerprint"],
         "n_items": data.n_items, "chunk_items": chunk_items, "code": code_hash("extract"),
     }
