@@ -14,6 +14,7 @@ a step runs the item encoder on the batch's unique item ids only.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -192,6 +193,8 @@ def _build(cfg: TrainConfig, data: PreparedData, device, text_cache, image_cache
         from iisan.layers import select_layers
 
         specs = {m: s for m, s in (backbones or {}).items() if s is not None}
+        if cfg.method != "uncached":  # weights that train keep float32 masters (auto would pick bf16 on a GPU)
+            specs = {m: dataclasses.replace(s, dtype="float32") if s.dtype == "auto" else s for m, s in specs.items()}
         if not specs:
             raise ConfigError(f"method {cfg.method!r} runs backbones in the loop: give --text-backbone and/or --image-backbone")
         loaded = load_backbones(specs, device)
