@@ -107,7 +107,8 @@ def model_info(spec: BackboneSpec) -> dict:
     quant_method = (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)) if quant else None
     return {"n_layers": int(n_layers), "hidden": int(hidden), "pooling": pooling, "model_type": cfg.model_type,
             "quantization": str(quant_method) if quant_method else None,
-            "image_size": getattr(cfg, "image_size", None)}
+            "image_size": getattr(cfg, "image_size", None),
+            "commit": getattr(cfg, "_commit_hash", None)}  # the hub snapshot actually resolved (None for a plain folder)
 
 
 def processor_image_size(processor, fallback: int | None = 224) -> int | None:
@@ -172,7 +173,6 @@ class Backbone:
         first = next(iter(hf_map.values())) if hf_map else self.device
         self.input_device = torch.device("cpu" if first in ("disk", "meta") else first)
         self.processor = load_processor(spec)
-        self.revision = spec.revision or getattr(self.model.config, "_commit_hash", None)
 
     @property
     def image_size(self) -> int | None:

@@ -1,9 +1,16 @@
 # Input functions and config lookups. Anything bigger belongs in the iisan package.
 import json
+import os
 import shlex
+import sys
+from pathlib import Path
 
 from iisan.layers import spec_tag
 from iisan.provenance import code_hash
+
+# Jobs call `iisan` from the environment Snakemake runs in, activated or not
+# (`.venv/bin/snakemake ...`); a rule's conda env, when used, comes first on PATH.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def _need(section, key):
