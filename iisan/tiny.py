@@ -67,6 +67,7 @@ def _quantize(source: Path, out: Path) -> None:
     from iisan import backbones  # noqa: F401  (sets GPTQMODEL_CPU_WORKERS before gptqmodel loads)
     from gptqmodel import GPTQModel, QuantizeConfig
 
+    source, out = Path(source).resolve(), Path(out).resolve()  # absolute: weights are read lazily after the chdir below
     tok = _tokenizer()
     words = "steel glass beaker pipette caliper thermometer solder microscope centrifuge model lab red blue".split()
     calib = []
