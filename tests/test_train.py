@@ -70,16 +70,17 @@ def test_cache_from_another_dataset_is_refused(tiny, caches, tmp_path):
         train(tmp_path / "other", tmp_path / "x", TrainConfig(**QUICK), *caches)
 
 
-def test_bad_settings_are_rejected_with_the_key():
+def test_bad_settings_are_rejected_with_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown train setting\(s\) \['learning_rate'\]"):
         TrainConfig.from_dict({"learning_rate": 1})
     with pytest.raises(ConfigError, match="`method`='bert'"):
         TrainConfig(method="bert")
     with pytest.raises(ConfigError, match="`d`=63 must be divisible by `heads`=2"):
         TrainConfig(d=63)
-    r = subprocess.run([sys.executable, "-m", "iisan", "train", "--data", "x", "--out", "y", "--settings", "{bad json"],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "iisan", "train", "--data", str(tmp_path / "x"), "--out", str(tmp_path / "y"),
+                        "--settings", "{bad json"], capture_output=True, text=True)
     assert r.returncode == 2 and "--settings: not valid JSON" in r.stderr and "Traceback" not in r.stderr
+    assert "--settings: not valid JSON" in (tmp_path / "y/train.log").read_text()  # the run's log keeps the error
 
 
 def test_cli_version_is_fast():
