@@ -27,6 +27,11 @@ IDENTITY_KEYS = ("model", "revision", "modality", "layers", "pooling", "dtype", 
                  "input_fingerprint", "n_items", "hidden", "chunk_items", "code")
 
 
+def n_chunks(attrs: dict) -> int:
+    """Chunks along items, padding row 0 included."""
+    return -(-(attrs["n_items"] + 1) // attrs["chunk_items"])
+
+
 def progress_dir(store: Path) -> Path:
     return Path(f"{store}.progress")
 
@@ -62,7 +67,7 @@ class CacheWriter:
 
     @property
     def n_chunks(self) -> int:
-        return -(-self.array.shape[0] // self.attrs["chunk_items"])
+        return n_chunks(self.attrs)
 
     def chunk_rows(self, chunk: int) -> tuple[int, int]:
         c = self.attrs["chunk_items"]
@@ -90,9 +95,8 @@ def _read_attrs(store: Path) -> dict:
 def missing_chunks(store) -> list[int]:
     store = Path(store)
     attrs = _read_attrs(store)
-    n_chunks = -(-(attrs["n_items"] + 1) // attrs["chunk_items"])
     done = {p.name for p in progress_dir(store).iterdir()} if progress_dir(store).is_dir() else set()
-    return [c for c in range(n_chunks) if str(c) not in done]
+    return [c for c in range(n_chunks(attrs)) if str(c) not in done]
 
 
 def verify(store) -> dict:

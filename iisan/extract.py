@@ -86,8 +86,9 @@ def extract(data_dir, spec: BackboneSpec, layers_spec, store, *, chunk_items: in
     cuda = backbone.input_device.type == "cuda"
     t0 = time.perf_counter()
     # the next batch's inputs are prepared in a thread while the model runs (torch releases the GIL)
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=sum(np.subtract(*writer.chunk_rows(c)[::-1]) for c in todo),
-                                                          desc=f"extract {Path(spec.model).name}", unit="item", disable=None) as bar:
+    n_todo = sum(hi - max(lo, 1) for lo, hi in map(writer.chunk_rows, todo))  # real items; row 0 is padding
+    with ThreadPoolExecutor(max_workers=1) as pool, \
+            tqdm(total=n_todo, desc=f"extract {Path(spec.model).name}", unit="item", disable=None) as bar:
         for c in todo:
             lo, hi = writer.chunk_rows(c)
             rows = np.zeros((hi - lo, len(layers), attrs["hidden"]), dtype=np.float16)
