@@ -1,6 +1,8 @@
 # iisan: prepare -> extract (frozen backbones, selected layers) -> train (SANs) -> report.
 # All logic lives in the `iisan` package; rules only call its command line.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
+
+from iisan.config import validate
 
 min_version("9.0")
 
@@ -8,7 +10,13 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# jobs find `iisan` on PATH: workflow/rules/common.smk puts this environment's bin first
+envvars:
+    "PATH",
+
+
+# the package's schema (iisan/config.schema.yaml), with defaults and cross-references
+validate(config)
 
 
 wildcard_constraints:

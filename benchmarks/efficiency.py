@@ -39,10 +39,18 @@ def subset(out: Path, n_users: int) -> Path:
 
     raw = out / "raw"
     (raw / "images").mkdir(parents=True, exist_ok=True)
-    users = [l for l in (SCI / "am_Industrial_and_Scientific_users.tsv").read_text().splitlines() if len(l.split("\t")[1].split()) >= 5][:n_users]
+    users = [
+        line
+        for line in (SCI / "am_Industrial_and_Scientific_users.tsv").read_text().splitlines()
+        if len(line.split("\t")[1].split()) >= 5
+    ][:n_users]
     (raw / "users.tsv").write_text("\n".join(users) + "\n")
-    used = {a for l in users for a in l.split("\t")[1].split()}
-    items = [l for l in (SCI / "Industrial_and_Scientific_items.tsv").read_text().splitlines() if l.split("\t")[0] in used]
+    used = {a for line in users for a in line.split("\t")[1].split()}
+    items = [
+        line
+        for line in (SCI / "Industrial_and_Scientific_items.tsv").read_text().splitlines()
+        if line.split("\t")[0] in used
+    ]
     (raw / "items.tsv").write_text("\n".join(items) + "\n")
     colours = list(COLOURS.values())
     for line in items:
@@ -80,42 +88,87 @@ def main():
         extract(data, BackboneSpec.from_config(spec), {}, caches[m], on_mismatch="rebuild")
     rows = {}
     for method in a.methods.split(","):
-        settings = {"method": method, "epochs": a.epochs, "patience": a.epochs, "batch_size": a.batch_size,
-                    "lr": 1e-4 if method == "fft" else 1e-3, "lr_san": 1e-3, "device": a.device}
+        settings = {
+            "method": method,
+            "epochs": a.epochs,
+            "patience": a.epochs,
+            "batch_size": a.batch_size,
+            "lr": 1e-4 if method == "fft" else 1e-3,
+            "lr_san": 1e-3,
+            "device": a.device,
+        }
         run = out / f"run-{method}"
         if method == "iisan":
             items = ["--text-cache", str(caches["text"]), "--image-cache", str(caches["image"])]
         else:
             items = ["--text-backbone", json.dumps(text), "--image-backbone", json.dumps(image)]
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "iisan", "--log", str(out / f"{method}.log"), "train", "--data", str(data),
-                        *items, "--settings", json.dumps(settings), "--out", str(run)], check=True,
-                       stdout=subprocess.DEVNULL, env=dict(os.environ, TQDM_DISABLE="1"))
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "iisan",
+                "--log",
+                str(out / f"{method}.log"),
+                "train",
+                "--data",
+                str(data),
+                *items,
+                "--settings",
+                json.dumps(settings),
+                "--out",
+                str(run),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env=dict(os.environ, TQDM_DISABLE="1"),
+        )
         eff = json.loads((run / "efficiency.json").read_text())
         eff["wall_seconds"] = time.perf_counter() - t
         rows[method] = eff
-        print(f"# {method}: {eff['seconds_per_epoch']:.2f} s/epoch, peak {eff['peak_memory_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+        print(
+            f"# {method}: {eff['seconds_per_epoch']:.2f} s/epoch, peak {eff['peak_memory_bytes'] / 2**20:.0f} MiB",
+            file=sys.stderr,
+            flush=True,
+        )
     scores = tpme(rows)
     fft = rows.get("fft")
     kind = next(iter(rows.values()))["peak_memory_kind"]
-    print(f"\n{a.users} Scientific users, MiniLM + tiny ViT, batch {a.batch_size}, {a.epochs} epoch(s), device {next(iter(rows.values()))['device']}")
-    print(f"| method | s/epoch | peak memory MiB ({kind}) | trainable params | total params | TPME | time / FFT | memory / FFT |")
+    print(
+        f"\n{a.users} Scientific users, MiniLM + tiny ViT, batch {a.batch_size}, {a.epochs} epoch(s), "
+        f"device {next(iter(rows.values()))['device']}"
+    )
+    print(
+        f"| method | s/epoch | peak memory MiB ({kind}) | trainable params | total params | TPME "
+        "| time / FFT | memory / FFT |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for m, r in rows.items():
         tr = f"{r['seconds_per_epoch'] / fft['seconds_per_epoch']:.3f}" if fft else "-"
         mr = f"{r['peak_memory_bytes'] / fft['peak_memory_bytes']:.3f}" if fft else "-"
-        print(f"| {m} | {r['seconds_per_epoch']:.2f} | {r['peak_memory_bytes'] / 2**20:.0f} | {r['trainable_parameters']:,} | "
-              f"{r['total_parameters']:,} | {scores[m]:.3f} | {tr} | {mr} |")
+        print(
+            f"| {m} | {r['seconds_per_epoch']:.2f} | {r['peak_memory_bytes'] / 2**20:.0f} "
+            f"| {r['trainable_parameters']:,} | "
+            f"{r['total_parameters']:,} | {scores[m]:.3f} | {tr} | {mr} |"
+        )
     if fft and "iisan" in rows:
         speed = fft["seconds_per_epoch"] / rows["iisan"]["seconds_per_epoch"]
         mem = fft["peak_memory_bytes"] / rows["iisan"]["peak_memory_bytes"]
-        print(f"\ncached IISAN vs FFT: {speed:.1f}x faster per epoch (target >= 20: {'PASS' if speed >= 20 else 'FAIL'}), "
-              f"{mem:.1f}x lower peak memory (target >= 5: {'PASS' if mem >= 5 else 'FAIL'})")
+        print(
+            f"\ncached IISAN vs FFT: {speed:.1f}x faster per epoch "
+            f"(target >= 20: {'PASS' if speed >= 20 else 'FAIL'}), "
+            f"{mem:.1f}x lower peak memory (target >= 5: {'PASS' if mem >= 5 else 'FAIL'})"
+        )
     if all(k in rows for k in ("uncached", "lora", "adapter")):
-        ok = rows["uncached"]["seconds_per_epoch"] < min(rows["lora"]["seconds_per_epoch"], rows["adapter"]["seconds_per_epoch"])
+        ok = rows["uncached"]["seconds_per_epoch"] < min(
+            rows["lora"]["seconds_per_epoch"], rows["adapter"]["seconds_per_epoch"]
+        )
         print(f"uncached IISAN faster than LoRA and Adapter: {'PASS' if ok else 'FAIL'}")
     (out / "efficiency.json").write_text(json.dumps({"rows": rows, "tpme": scores}, indent=2))
-    print(f"\n# reproduce: .venv/bin/python benchmarks/efficiency.py --users {a.users} --batch-size {a.batch_size} --epochs {a.epochs}")
+    print(
+        f"\n# reproduce: .venv/bin/python benchmarks/efficiency.py --users {a.users} --batch-size {a.batch_size} "
+        f"--epochs {a.epochs}"
+    )
 
 
 if __name__ == "__main__":

@@ -40,11 +40,20 @@ def main():
     s = extract(data, spec, {}, store)
     wall = time.perf_counter() - t
     info = cache.info(store)
-    row = {"items": s["items"], "items_per_s": round(s["items_per_s"], 1), "extract_seconds": round(s["seconds"], 2),
-           "forward_seconds": round(s["forward_seconds"], 2), "outside_forward_share": round(s["outside_forward_share"], 4),
-           "model_load_seconds": round(s["load_seconds"], 2), "wall_seconds_incl_load": round(wall, 2),
-           "batch_size": a.batch_size, "threads": torch.get_num_threads(), "layers": info["layers"],
-           "cache_mib": round(info["bytes_on_disk"] / 2**20, 1), "all_layers_mib": round(info["bytes_all_layers"] / 2**20, 1)}
+    row = {
+        "items": s["items"],
+        "items_per_s": round(s["items_per_s"], 1),
+        "extract_seconds": round(s["seconds"], 2),
+        "forward_seconds": round(s["forward_seconds"], 2),
+        "outside_forward_share": round(s["outside_forward_share"], 4),
+        "model_load_seconds": round(s["load_seconds"], 2),
+        "wall_seconds_incl_load": round(wall, 2),
+        "batch_size": a.batch_size,
+        "threads": torch.get_num_threads(),
+        "layers": info["layers"],
+        "cache_mib": round(info["bytes_on_disk"] / 2**20, 1),
+        "all_layers_mib": round(info["bytes_all_layers"] / 2**20, 1),
+    }
     print(json.dumps(row, indent=2))
     print(f"# reproduce: .venv/bin/python benchmarks/extract_minilm.py --batch-size {a.batch_size}", file=sys.stderr)
 

@@ -31,17 +31,28 @@ def main():
     data, store = out / "scientific-data", out / "minilm.zarr"
     rows = {}
     for method in a.methods.split(","):
-        cfg = TrainConfig(method=method, epochs=a.epochs, patience=a.patience, lr=a.lr, lr_san=a.lr, batch_size=a.batch_size)
+        cfg = TrainConfig(
+            method=method, epochs=a.epochs, patience=a.patience, lr=a.lr, lr_san=a.lr, batch_size=a.batch_size
+        )
         m = train(data, out / f"run-{method}", cfg, text_cache=None if method in ("id", "pop") else store)
         eff = json.loads((out / f"run-{method}/efficiency.json").read_text())
-        rows[method] = {"test_HR@10_%": round(100 * m["test"]["HR@10"], 2), "test_NDCG@10_%": round(100 * m["test"]["NDCG@10"], 2),
-                        "valid_HR@10_%": round(100 * m["valid"]["HR@10"], 2), "best_epoch": m["best_epoch"],
-                        "epochs_run": m["epochs_run"], "s_per_epoch": round(eff["seconds_per_epoch"], 2),
-                        "peak_rss_mib": round(eff["peak_memory_bytes"] / 2**20), "trainable_params": eff["trainable_parameters"]}
+        rows[method] = {
+            "test_HR@10_%": round(100 * m["test"]["HR@10"], 2),
+            "test_NDCG@10_%": round(100 * m["test"]["NDCG@10"], 2),
+            "valid_HR@10_%": round(100 * m["valid"]["HR@10"], 2),
+            "best_epoch": m["best_epoch"],
+            "epochs_run": m["epochs_run"],
+            "s_per_epoch": round(eff["seconds_per_epoch"], 2),
+            "peak_rss_mib": round(eff["peak_memory_bytes"] / 2**20),
+            "trainable_params": eff["trainable_parameters"],
+        }
         print(json.dumps({method: rows[method]}), flush=True)
     print(json.dumps(rows, indent=2))
-    print(f"# reproduce: .venv/bin/python benchmarks/scientific_text.py --epochs {a.epochs} --patience {a.patience} "
-          f"--lr {a.lr} --batch-size {a.batch_size}", file=sys.stderr)
+    print(
+        f"# reproduce: .venv/bin/python benchmarks/scientific_text.py --epochs {a.epochs} --patience {a.patience} "
+        f"--lr {a.lr} --batch-size {a.batch_size}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

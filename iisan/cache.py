@@ -16,15 +16,29 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from iisan.errors import CacheMismatchError, DataError
 
 log = logging.getLogger(__name__)
 
+CHUNK_ITEMS = 1024  # items per Zarr chunk: the unit of resumption and of sharding
+
 # attributes that must agree for an existing store to be reused
-IDENTITY_KEYS = ("model", "revision", "modality", "layers", "pooling", "dtype", "max_text_len", "image_size",
-                 "input_fingerprint", "n_items", "hidden", "chunk_items", "code")
+IDENTITY_KEYS = (
+    "model",
+    "revision",
+    "modality",
+    "layers",
+    "pooling",
+    "dtype",
+    "max_text_len",
+    "image_size",
+    "input_fingerprint",
+    "n_items",
+    "hidden",
+    "chunk_items",
+    "code",
+)
 
 
 def n_chunks(attrs: dict) -> int:
@@ -53,15 +67,24 @@ class CacheWriter:
                     lines = "\n".join(f"    {key}: cached {a!r}, asked {b!r}" for key, (a, b) in diff.items())
                     raise CacheMismatchError(
                         f"cache {self.store} was made with different settings:\n{lines}\n"
-                        f"  fix: delete {self.store} (and {progress_dir(self.store)}), or re-run with --on-mismatch rebuild")
+                        f"  fix: delete {self.store} (and {progress_dir(self.store)}), "
+                        "or re-run with --on-mismatch rebuild"
+                    )
                 log.warning("cache %s is stale (%s differ); rebuilding", self.store, ", ".join(diff))
                 shutil.rmtree(self.store)
                 shutil.rmtree(progress_dir(self.store), ignore_errors=True)
         if not self.store.exists():
             self.store.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(progress_dir(self.store), ignore_errors=True)
-            zarr.create_array(store=str(self.store), shape=(n, k, h), chunks=(c, k, h), dtype="float16",
-                              fill_value=0, compressors=None, attributes=attrs)
+            zarr.create_array(
+                store=str(self.store),
+                shape=(n, k, h),
+                chunks=(c, k, h),
+                dtype="float16",
+                fill_value=0,
+                compressors=None,
+                attributes=attrs,
+            )
         self.array = zarr.open_array(str(self.store), mode="r+")
         progress_dir(self.store).mkdir(exist_ok=True)
 
@@ -103,24 +126,36 @@ def verify(store) -> dict:
     """Raise unless every chunk is finished; return the attributes."""
     missing = missing_chunks(store)
     if missing:
-        raise DataError(store, f"{len(missing)} chunk(s) not extracted yet (first: {missing[:5]})",
-                        "re-run `iisan extract` (or the missing shard jobs); finished chunks are kept")
+        raise DataError(
+            store,
+            f"{len(missing)} chunk(s) not extracted yet (first: {missing[:5]})",
+            "re-run `iisan extract` (or the missing shard jobs); finished chunks are kept",
+        )
     return _read_attrs(store)
 
 
-def load(store, device: torch.device | str = "cpu", expect: dict | None = None) -> tuple[torch.Tensor, dict]:
+def expected_for(data, modality: str) -> dict:
+    """Attributes a cache must have to serve ``data``'s ``modality``."""
+    fp = data.meta["text_fingerprint" if modality == "text" else "image_fingerprint"]
+    return {"input_fingerprint": fp, "n_items": data.n_items, "modality": modality}
+
+
+def load(store, device="cpu", expect: dict | None = None):
     """All items' selected layers in one read: ``(N+1, K, H)`` float16 on ``device``.
 
     ``expect`` maps attribute names to required values (e.g. the dataset's
     fingerprint); a mismatch is refused rather than silently trained on.
     """
+    import torch
     import zarr
 
     attrs = verify(store)
     for key, want in (expect or {}).items():
         if attrs.get(key) != want:
-            raise CacheMismatchError(f"cache {store} has {key}={attrs.get(key)!r}, expected {want!r}\n"
-                                     f"  fix: re-run `iisan extract` for this dataset and backbone")
+            raise CacheMismatchError(
+                f"cache {store} has {key}={attrs.get(key)!r}, expected {want!r}\n"
+                f"  fix: re-run `iisan extract` for this dataset and backbone"
+            )
     arr = zarr.open_array(str(store), mode="r")[...]
     return torch.from_numpy(np.ascontiguousarray(arr)).to(device), attrs
 
@@ -136,9 +171,15 @@ def info(store) -> dict:
     n_rows, k, h = arr.shape
     full_k = attrs["n_layers"] + 1
     return {
-        "store": str(store), "model": attrs["model"], "shape": list(arr.shape), "dtype": str(arr.dtype),
-        "layers": attrs["layers"], "bytes_on_disk": on_disk, "bytes_selected": n_rows * k * h * 2,
-        "bytes_all_layers": n_rows * full_k * h * 2, "all_layers": full_k,
+        "store": str(store),
+        "model": attrs["model"],
+        "shape": list(arr.shape),
+        "dtype": str(arr.dtype),
+        "layers": attrs["layers"],
+        "bytes_on_disk": on_disk,
+        "bytes_selected": n_rows * k * h * 2,
+        "bytes_all_layers": n_rows * full_k * h * 2,
+        "all_layers": full_k,
         "missing_chunks": len(missing_chunks(store)),
     }
 

@@ -34,8 +34,13 @@ def _setup_logging(log_file: str | None, verbose: bool) -> None:
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, mode="w"))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        handlers=handlers,
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("gptqmodel", "accelerate", "transformers", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -43,15 +48,23 @@ def _setup_logging(log_file: str | None, verbose: bool) -> None:
 def cmd_synth(a):
     from iisan.synth import synthesize
 
-    paths = synthesize(a.out, n_items=a.items, n_users=a.users, seed=a.seed, image_size=a.image_size)
+    paths = synthesize(a.out, n_items=a.items, n_users=a.users, seed=a.seed, image_size=a.image_size, name=a.name)
     log.info("wrote demo raw data: %s", paths)
 
 
 def cmd_prepare(a):
     from iisan.data import prepare
 
-    meta = prepare(a.items, a.users, a.out, images=a.images, missing_images=a.missing_images,
-                   min_len=a.min_seq_len, max_seq_len=a.max_seq_len)
+    meta = prepare(
+        a.items,
+        a.users,
+        a.out,
+        images=a.images,
+        missing_images=a.missing_images,
+        min_len=a.min_seq_len,
+        max_seq_len=a.max_seq_len,
+        encoding=a.encoding,
+    )
     print(json.dumps({k: meta[k] for k in ("n_users", "n_items", "n_interactions", "missing_images")}))
 
 
@@ -63,18 +76,30 @@ def cmd_build_tiny(a):
 
 def cmd_extract(a):
     from iisan.backbones import BackboneSpec
+    from iisan.cache import CHUNK_ITEMS
     from iisan.extract import extract, finish
 
     spec = BackboneSpec.from_config(_json_arg(a.backbone, "backbone"))
     layers = _json_arg(a.layers, "layers") if a.layers else {}
-    stats = extract(a.data, spec, layers, a.store, chunk_items=a.chunk_items, shard=a.shard, nshards=a.nshards,
-                    on_mismatch=a.on_mismatch, init_only=a.init_only)
+    stats = extract(
+        a.data,
+        spec,
+        layers,
+        a.store,
+        chunk_items=a.chunk_items or CHUNK_ITEMS,
+        shard=a.shard,
+        nshards=a.nshards,
+        on_mismatch=a.on_mismatch,
+        init_only=a.init_only,
+    )
     if a.done:
         if a.nshards == 1 and not a.init_only:
             finish(a.store, a.done, stats)
         else:  # a shard records only its own part; `cache-verify` writes the completion file
             Path(a.done).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.done).write_text(json.dumps({"store": str(a.store), "shard": a.shard, "nshards": a.nshards, "stats": stats}, indent=2))
+            Path(a.done).write_text(
+                json.dumps({"store": str(a.store), "shard": a.shard, "nshards": a.nshards, "stats": stats}, indent=2)
+            )
 
 
 def cmd_cache_verify(a):
@@ -92,25 +117,41 @@ def cmd_cache_info(a):
         print(json.dumps(rows, indent=2))
         return
     for r in rows:
-        print(f"{r['store']}\n  model     {r['model']}\n  shape     {tuple(r['shape'])} {r['dtype']}  "
-              f"(layers {r['layers']})\n  on disk   {human_bytes(r['bytes_on_disk'])}\n"
-              f"  all {r['all_layers']} layers would take {human_bytes(r['bytes_all_layers'])} "
-              f"({r['bytes_all_layers'] / max(r['bytes_selected'], 1):.1f}x the selected layers)"
-              + (f"\n  INCOMPLETE: {r['missing_chunks']} chunk(s) missing" if r["missing_chunks"] else ""))
+        print(
+            f"{r['store']}\n  model     {r['model']}\n  shape     {tuple(r['shape'])} {r['dtype']}  "
+            f"(layers {r['layers']})\n  on disk   {human_bytes(r['bytes_on_disk'])}\n"
+            f"  all {r['all_layers']} layers would take {human_bytes(r['bytes_all_layers'])} "
+            f"({r['bytes_all_layers'] / max(r['bytes_selected'], 1):.1f}x the selected layers)"
+            + (f"\n  INCOMPLETE: {r['missing_chunks']} chunk(s) missing" if r["missing_chunks"] else "")
+        )
 
 
 def cmd_train(a):
-    from iisan.train import TrainConfig, train
-
     from iisan.backbones import BackboneSpec
+    from iisan.settings import from_settings
+    from iisan.train import train
 
     settings = _json_arg(a.settings, "settings") if a.settings else {}
-    cfg = TrainConfig.from_dict(settings)
-    backbones = {m: BackboneSpec.from_config(_json_arg(v, f"{m}-backbone")) for m, v in
-                 (("text", a.text_backbone), ("image", a.image_backbone)) if v}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"--settings: expected a JSON object, got {type(settings).__name__}")
+    mc, tc = from_settings(settings)
+    backbones = {
+        m: BackboneSpec.from_config(_json_arg(v, f"{m}-backbone"))
+        for m, v in (("text", a.text_backbone), ("image", a.image_backbone))
+        if v
+    }
     layers = {m: _json_arg(v, f"{m}-layers") for m, v in (("text", a.text_layers), ("image", a.image_layers)) if v}
-    m = train(a.data, a.out, cfg, text_cache=a.text_cache, image_cache=a.image_cache,
-              extra_meta={"experiment": a.name} if a.name else None, backbones=backbones, layers=layers)
+    caches = {m: v for m, v in (("text", a.text_cache), ("image", a.image_cache)) if v}
+    m = train(
+        a.data,
+        a.out,
+        mc,
+        tc,
+        caches=caches,
+        backbones=backbones,
+        layers=layers,
+        extra_meta={"experiment": a.name} if a.name else None,
+    )
     print(json.dumps({"valid": m["valid"], "test": m["test"], "best_epoch": m["best_epoch"]}))
 
 
@@ -133,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--users", type=int, default=3000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=32)
+    s.add_argument("--name", default="demo", help="dataset name: files are {name}_items.tsv and am_{name}_users.tsv")
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("prepare", help="raw items/users TSV (+ images) -> prepared dataset")
@@ -142,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--missing-images", choices=("error", "blank"), default="error")
     s.add_argument("--min-seq-len", type=int, default=5)
     s.add_argument("--max-seq-len", type=int, default=10)
+    s.add_argument("--encoding", default="utf-8", help="text encoding of the TSVs (a UTF-8 BOM is always accepted)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_prepare)
 
@@ -154,10 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("extract", help="run a frozen backbone and cache the selected layers (resumable)")
     s.add_argument("--data", required=True, help="prepared dataset folder")
     s.add_argument("--backbone", required=True, help="backbone spec as JSON (inline or @file)")
-    s.add_argument("--layers", help="layer selection as JSON, e.g. '{\"scheme\": \"even\", \"n\": 6}' or '[0, 2, 4]'")
+    s.add_argument("--layers", help='layer selection as JSON, e.g. \'{"scheme": "even", "n": 6}\' or \'[0, 2, 4]\'')
     s.add_argument("--store", required=True, help="Zarr store to create or resume")
     s.add_argument("--done", help="completion file to write when finished")
-    s.add_argument("--chunk-items", type=int, default=1024)
+    s.add_argument("--chunk-items", type=int, help="items per Zarr chunk (default iisan.cache.CHUNK_ITEMS)")
     s.add_argument("--shard", type=int, default=0)
     s.add_argument("--nshards", type=int, default=1)
     s.add_argument("--on-mismatch", choices=("error", "rebuild"), default="error")
@@ -197,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    log_file = args.log or (str(Path(args.out) / "train.log") if args.command == "train" else None)  # every run keeps its log
+    log_file = args.log or (
+        str(Path(args.out) / "train.log") if args.command == "train" else None
+    )  # every run keeps its log
     _setup_logging(log_file, args.verbose)
     try:
         args.func(args)

@@ -13,23 +13,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from iisan.config import check_section
 from iisan.errors import DataError
 from iisan.images import ImageSource
+from iisan.outputs import check_replaceable, output_folder
 from iisan.rawdata import read_items, read_users
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MISSING_IMAGE_POLICIES = ("error", "blank")
 
 
 def left_pad(rows: list[list[int]], width: int) -> np.ndarray:
@@ -38,7 +36,7 @@ def left_pad(rows: list[list[int]], width: int) -> np.ndarray:
     for i, r in enumerate(rows):
         r = r[-width:]
         if r:
-            out[i, width - len(r):] = r
+            out[i, width - len(r) :] = r
     return out
 
 
@@ -74,17 +72,27 @@ def prepare(
     missing_images: str = "error",
     min_len: int = 5,
     max_seq_len: int = 10,
+    encoding: str = "utf-8",
 ) -> dict:
-    """Read raw Amazon-format files and write a prepared dataset folder. Returns meta."""
-    if missing_images not in MISSING_IMAGE_POLICIES:
-        raise DataError(out, f"missing_images={missing_images!r} is not a policy", f"use one of {MISSING_IMAGE_POLICIES}")
-    titles_by_asin = read_items(items_path)
-    users = read_users(users_path, known_items=titles_by_asin)
+    """Read raw Amazon-format files and write a prepared dataset folder. Returns meta.
+
+    The settings are checked against the schema's ``prepare`` definition (as
+    config.yaml's are), and ``out`` before any work (see iisan.outputs)."""
+    check_section(
+        "prepare",
+        {"missing_images": missing_images, "min_seq_len": min_len, "max_seq_len": max_seq_len, "encoding": encoding},
+        "iisan prepare",
+    )
+    check_replaceable(Path(out).absolute(), "prepared-dataset")
+    titles_by_asin = read_items(items_path, encoding)
+    users = read_users(users_path, known_items=titles_by_asin, encoding=encoding)
 
     keep_last = max_seq_len + 3  # train window (max_seq_len+1) + valid + test
     kept = [(u, s[-keep_last:]) for u, s in users if len(s) >= min_len]
     if not kept:
-        raise DataError(users_path, f"no user has at least {min_len} items", "check the users file or lower `min_seq_len`")
+        raise DataError(
+            users_path, f"no user has at least {min_len} items", "check the users file or lower `min_seq_len`"
+        )
     used = {a for _, s in kept for a in s}
     asins = [a for a in titles_by_asin if a in used]  # items-file order
     ids = {a: i + 1 for i, a in enumerate(asins)}
@@ -99,7 +107,11 @@ def prepare(
             key = src.locate(a)
             if key is None:
                 if missing_images == "error":
-                    raise DataError(src.path, f"no image for item {a!r}", "add {ASIN}.jpg, or set `missing_images: blank` to use a blank image")
+                    raise DataError(
+                        src.path,
+                        f"no image for item {a!r}",
+                        "add {ASIN}.jpg, or set `missing_images: blank` to use a blank image",
+                    )
                 n_missing += 1
                 image_digest.update(f"{a}:blank\0".encode())
                 continue
@@ -114,7 +126,7 @@ def prepare(
     counts[0] = 0.0
     popularity = counts / counts.sum()
 
-    titles = [titles_by_asin[a].replace("\t", " ").replace("\n", " ") for a in asins]
+    titles = [titles_by_asin[a] for a in asins]  # one line each (rawdata.clean_text)
     meta = {
         "format_version": FORMAT_VERSION,
         "n_users": len(seqs),
@@ -129,27 +141,24 @@ def prepare(
         "image_fingerprint": image_digest.hexdigest() if src else None,
     }
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with output_folder(out, "prepared-dataset") as tmp:
         with (tmp / "items.tsv").open("w", encoding="utf-8") as f:
             f.write("id\tasin\ttitle\timage\n")
-            for i, (a, t, k) in enumerate(zip(asins, titles, image_keys), start=1):
+            for i, (a, t, k) in enumerate(zip(asins, titles, image_keys, strict=True), start=1):
                 f.write(f"{i}\t{a}\t{t}\t{k}\n")
         with (tmp / "users.tsv").open("w", encoding="utf-8") as f:
-            for (u, _), s in zip(kept, seqs):
+            for (u, _), s in zip(kept, seqs, strict=True):
                 f.write(f"{u}\t{' '.join(map(str, s))}\n")
         np.savez(tmp / "splits.npz", **splits)
         np.save(tmp / "popularity.npy", popularity)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("prepared %s: %d users, %d items, %d interactions", out, meta["n_users"], meta["n_items"], meta["n_interactions"])
+    log.info(
+        "prepared %s: %d users, %d items, %d interactions",
+        out,
+        meta["n_users"],
+        meta["n_items"],
+        meta["n_interactions"],
+    )
     return meta
 
 
@@ -170,6 +179,11 @@ class PreparedData:
         return self.meta["n_items"]
 
     @property
+    def max_len(self) -> int:
+        """Model input length (items before a target)."""
+        return self.meta["max_seq_len"]
+
+    @property
     def has_images(self) -> bool:
         return self.meta["sources"]["images"] is not None
 
@@ -177,14 +191,18 @@ class PreparedData:
         return ImageSource(self.meta["sources"]["images"]) if self.has_images else None
 
     @classmethod
-    def load(cls, root) -> "PreparedData":
+    def load(cls, root) -> PreparedData:
         root = Path(root)
         meta_path = root / "meta.json"
         if not meta_path.is_file():
             raise DataError(root, "not a prepared dataset (no meta.json)", "run `iisan prepare` first")
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != FORMAT_VERSION:
-            raise DataError(meta_path, f"prepared with format {meta.get('format_version')}, this iisan reads {FORMAT_VERSION}", "re-run `iisan prepare`")
+            raise DataError(
+                meta_path,
+                f"prepared with format {meta.get('format_version')}, this iisan reads {FORMAT_VERSION}",
+                "re-run `iisan prepare`",
+            )
         asins, titles, keys = [""], [""], [""]
         with (root / "items.tsv").open(encoding="utf-8") as f:
             next(f)

@@ -93,4 +93,4 @@ def tpme(rows: dict[str, dict], weights=TPME_WEIGHTS) -> dict[str, float]:
         return {m: (v - lo) / (hi - lo) if hi > lo else 0.0 for m, v in vals.items()}
 
     cols = [norm(k) for k in keys]
-    return {m: sum(w * c[m] for w, c in zip(weights, cols)) for m in rows}
+    return {m: sum(w * c[m] for w, c in zip(weights, cols, strict=True)) for m in rows}

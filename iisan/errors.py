@@ -27,6 +27,11 @@ class ConfigError(IisanError):
     """Raised when a setting is invalid; names the dotted key and the fix."""
 
 
+class ConfigValidationError(ConfigError):
+    """Raised when config.yaml or command-line settings fail the schema
+    (iisan/config.schema.yaml): an unknown key, a wrong type, a value out of range."""
+
+
 class CacheMismatchError(IisanError):
     """Raised when an existing cache was made by a different model, layer
     selection or input set than the one asked for."""
@@ -34,3 +39,13 @@ class CacheMismatchError(IisanError):
 
 class ModelLoadError(IisanError):
     """Raised when a backbone cannot be found or loaded (offline, no hub)."""
+
+
+class OutputError(IisanError):
+    """Raised when an output path holds something iisan did not make and
+    would have to replace; iisan never deletes what it did not create."""
+
+
+class TrainingError(IisanError):
+    """Raised when training cannot go on: the loss diverged (NaN or infinite),
+    or a checkpoint to resume from does not belong to this run."""

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from iisan import cache
-from iisan.backbones import Backbone, BackboneSpec, default_device, load_processor, model_info, processor_image_size
+from iisan.backbones import Backbone, BackboneSpec, load_processor, model_info, processor_image_size
 from iisan.data import PreparedData
 from iisan.errors import ConfigError, DataError
-from iisan.layers import select_layers
+from iisan.item_inputs import ItemInputs
+from iisan.layerdrop import select_layers
 from iisan.provenance import code_hash
 
 log = logging.getLogger(__name__)
@@ -35,51 +35,60 @@ def cache_attrs(data: PreparedData, spec: BackboneSpec, layers_spec, chunk_items
     """What identifies a cache: checked against an existing store before any work."""
     info = model_info(spec)
     if spec.modality == "image" and not data.has_images:
-        raise DataError(data.root, "dataset has no images but the backbone is an image encoder",
-                        "set `images:` for this dataset in config.yaml, or use a text backbone")
+        raise DataError(
+            data.root,
+            "dataset has no images but the backbone is an image encoder",
+            "set `images:` for this dataset in config.yaml, or use a text backbone",
+        )
     return {
-        "model": spec.model, "revision": spec.revision or info.get("commit"), "modality": spec.modality,
-        "n_layers": info["n_layers"], "layers": select_layers(info["n_layers"], layers_spec),
-        "pooling": info["pooling"], "hidden": info["hidden"], "quantization": info["quantization"],
-        "dtype": "float16", "max_text_len": spec.max_text_len if spec.modality == "text" else None,
+        "model": spec.model,
+        "revision": spec.revision or info.get("commit"),
+        "modality": spec.modality,
+        "n_layers": info["n_layers"],
+        "layers": select_layers(info["n_layers"], layers_spec),
+        "pooling": info["pooling"],
+        "hidden": info["hidden"],
+        "quantization": info["quantization"],
+        "dtype": "float16",
+        "max_text_len": spec.max_text_len if spec.modality == "text" else None,
         "image_size": processor_image_size(load_processor(spec)) if spec.modality == "image" else None,
         "input_fingerprint": data.meta["text_fingerprint" if spec.modality == "text" else "image_fingerprint"],
-        "n_items": data.n_items, "chunk_items": chunk_items, "code": code_hash("extract"),
+        "n_items": data.n_items,
+        "chunk_items": chunk_items,
+        "code": code_hash("extract"),
     }
 
 
-class ItemInputs:
-    """Turns item ids into raw model inputs (titles or decoded images)."""
-
-    def __init__(self, data: PreparedData, backbone: Backbone):
-        self.data, self.backbone = data, backbone
-        self.images = data.image_source() if backbone.spec.modality == "image" else None
-        if self.images is not None:
-            s = backbone.image_size or 224
-            self.blank = Image.new("RGB", (s, s), (128, 128, 128))
-
-    def __call__(self, ids: list[int]) -> dict:
-        if self.images is None:
-            raw = [self.data.titles[i] for i in ids]
-        else:
-            raw = [self.images.load(self.data.image_keys[i]) if self.data.image_keys[i] else self.blank for i in ids]
-        return self.backbone.encode_inputs(raw)
-
-
-def extract(data_dir, spec: BackboneSpec, layers_spec, store, *, chunk_items: int = 1024, shard: int = 0,
-            nshards: int = 1, on_mismatch: str = "error", device: torch.device | None = None,
-            init_only: bool = False) -> dict:
+def extract(
+    data_dir,
+    spec: BackboneSpec,
+    layers_spec,
+    store,
+    *,
+    chunk_items: int = cache.CHUNK_ITEMS,
+    shard: int = 0,
+    nshards: int = 1,
+    on_mismatch: str = "error",
+    device: torch.device | None = None,
+    init_only: bool = False,
+) -> dict:
     """Fill this shard's missing chunks of ``store``. Returns timing figures."""
     data = PreparedData.load(data_dir)
     attrs = cache_attrs(data, spec, layers_spec, chunk_items)
     writer = cache.CacheWriter(store, attrs, on_mismatch=on_mismatch)
     todo = [c for c in shard_chunks(writer.n_chunks, shard, nshards) if not writer.is_done(c)]
-    stats = {"store": str(store), "chunks_total": writer.n_chunks, "chunks_done_now": 0, "items": 0,
-             "seconds": 0.0, "forward_seconds": 0.0}
+    stats = {
+        "store": str(store),
+        "chunks_total": writer.n_chunks,
+        "chunks_done_now": 0,
+        "items": 0,
+        "seconds": 0.0,
+        "forward_seconds": 0.0,
+    }
     if init_only or not todo:
         return stats
     t_load = time.perf_counter()
-    backbone = Backbone(spec, device or default_device())
+    backbone = Backbone(spec, device)
     stats["load_seconds"] = time.perf_counter() - t_load
     make_inputs = ItemInputs(data, backbone)
     layers, bs = attrs["layers"], spec.batch_size
@@ -87,13 +96,15 @@ def extract(data_dir, spec: BackboneSpec, layers_spec, store, *, chunk_items: in
     t0 = time.perf_counter()
     # the next batch's inputs are prepared in a thread while the model runs (torch releases the GIL)
     n_todo = sum(hi - max(lo, 1) for lo, hi in map(writer.chunk_rows, todo))  # real items; row 0 is padding
-    with ThreadPoolExecutor(max_workers=1) as pool, \
-            tqdm(total=n_todo, desc=f"extract {Path(spec.model).name}", unit="item", disable=None) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=1) as pool,
+        tqdm(total=n_todo, desc=f"extract {Path(spec.model).name}", unit="item", disable=None) as bar,
+    ):
         for c in todo:
             lo, hi = writer.chunk_rows(c)
             rows = np.zeros((hi - lo, len(layers), attrs["hidden"]), dtype=np.float16)
             ids = list(range(max(lo, 1), hi))
-            batches = [ids[i:i + bs] for i in range(0, len(ids), bs)]
+            batches = [ids[i : i + bs] for i in range(0, len(ids), bs)]
             pending = pool.submit(make_inputs, batches[0]) if batches else None
             for j, b in enumerate(batches):
                 inputs = pending.result()
@@ -103,7 +114,7 @@ def extract(data_dir, spec: BackboneSpec, layers_spec, store, *, chunk_items: in
                 if cuda:
                     torch.cuda.synchronize()
                 stats["forward_seconds"] += time.perf_counter() - tf
-                rows[b[0] - lo:b[-1] - lo + 1] = pooled.to("cpu", torch.float16).numpy()
+                rows[b[0] - lo : b[-1] - lo + 1] = pooled.to("cpu", torch.float16).numpy()
                 bar.update(len(b))
             writer.write_chunk(c, rows)
             stats["chunks_done_now"] += 1
@@ -111,8 +122,13 @@ def extract(data_dir, spec: BackboneSpec, layers_spec, store, *, chunk_items: in
     stats["seconds"] = time.perf_counter() - t0
     stats["items_per_s"] = stats["items"] / max(stats["seconds"], 1e-9)
     stats["outside_forward_share"] = 1 - stats["forward_seconds"] / max(stats["seconds"], 1e-9)
-    log.info("extracted %d items in %.1fs (%.0f items/s, %.1f%% outside the forward)", stats["items"], stats["seconds"],
-             stats["items_per_s"], 100 * stats["outside_forward_share"])
+    log.info(
+        "extracted %d items in %.1fs (%.0f items/s, %.1f%% outside the forward)",
+        stats["items"],
+        stats["seconds"],
+        stats["items_per_s"],
+        100 * stats["outside_forward_share"],
+    )
     return stats
 
 

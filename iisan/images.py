@@ -25,7 +25,7 @@ class _LmdbImageRecord:
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    _ALLOWED = {("copyreg", "_reconstructor"), ("builtins", "object")}
+    _ALLOWED = frozenset({("copyreg", "_reconstructor"), ("builtins", "object")})
 
     def find_class(self, module, name):
         if name == "LMDB_Image":
@@ -45,7 +45,11 @@ class ImageSource:
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.exists():
-            raise DataError(self.path, "image folder/LMDB not found", "set `images` to an existing folder of {ASIN}.jpg or an LMDB, or to null for text-only data")
+            raise DataError(
+                self.path,
+                "image folder/LMDB not found",
+                "set `images` to an existing folder of {ASIN}.jpg or an LMDB, or to null for text-only data",
+            )
         self._is_lmdb = (self.path.is_file() and self.path.suffix != "") or (self.path / "data.mdb").is_file()
         self._env = None
 
@@ -83,10 +87,18 @@ class ImageSource:
                 arr = np.frombuffer(rec.image, dtype=np.uint8).reshape(h, w, rec.channels)
                 return Image.fromarray(arr).convert("RGB")
             except Exception as e:  # any malformed record is the same user problem
-                raise DataError(where, f"image record cannot be decoded ({e})", "rebuild the LMDB entry, or delete it and set `missing_images: blank`") from e
+                raise DataError(
+                    where,
+                    f"image record cannot be decoded ({e})",
+                    "rebuild the LMDB entry, or delete it and set `missing_images: blank`",
+                ) from e
         p = self.path / key
         try:
             with Image.open(p) as im:
                 return im.convert("RGB")
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise DataError(p, f"image cannot be decoded ({e.__class__.__name__})", "re-download or replace the file, or delete it and set `missing_images: blank`") from e
+            raise DataError(
+                p,
+                f"image cannot be decoded ({e.__class__.__name__})",
+                "re-download or replace the file, or delete it and set `missing_images: blank`",
+            ) from e

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def debiased_in_batch_ce(user: torch.Tensor, items: torch.Tensor, seqs: torch.Tensor,
-                         log_pop: torch.Tensor) -> torch.Tensor:
+def debiased_in_batch_ce(
+    user: torch.Tensor, items: torch.Tensor, seqs: torch.Tensor, log_pop: torch.Tensor
+) -> torch.Tensor:
     """Mean CE over real positions.
 
     user:    (B, T, d) user state after each input position (T = L)
@@ -27,7 +28,7 @@ def debiased_in_batch_ce(user: torch.Tensor, items: torch.Tensor, seqs: torch.Te
     own = (seqs[:, :, None] == cand_ids[None, None, :]).any(1)  # (B, B*S): column holds an item of user u
     blocked = own[:, None, :].expand(B, T, B * S) | (cand_ids == 0)[None, None, :]  # (B, T, B*S)
     # the positive of position t of user u is slot u*S + t + 1
-    pos = (torch.arange(B, device=seqs.device)[:, None] * S + torch.arange(1, S, device=seqs.device)[None, :])  # (B, T)
+    pos = torch.arange(B, device=seqs.device)[:, None] * S + torch.arange(1, S, device=seqs.device)[None, :]  # (B, T)
     blocked = blocked.scatter(2, pos[:, :, None], False).reshape(B * T, B * S)
     logits = logits.masked_fill(blocked, float("-inf"))
     real = (seqs[:, :-1] != 0).reshape(-1)  # an input item exists (then the target does too)

@@ -12,7 +12,7 @@ def rank_of_target(scores: torch.Tensor, target: torch.Tensor, history: torch.Te
     History items are removed from the ranking; a target that is itself in the
     history is a miss (rank N+1). Ties count against the target (pessimistic).
     """
-    U, n1 = scores.shape
+    n1 = scores.shape[1]
     scores = scores.clone()
     scores[:, 0] = float("-inf")
     in_hist = (history == target[:, None]).any(1)

@@ -12,7 +12,9 @@ import json
 import logging
 from pathlib import Path
 
+from iisan import methods
 from iisan.efficiency import tpme
+from iisan.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +31,18 @@ def _load_runs(results: Path, experiments: dict) -> tuple[list[dict], list[str]]
                 continue
             m = json.loads((d / "metrics.json").read_text())
             eff = json.loads((d / "efficiency.json").read_text()) if (d / "efficiency.json").is_file() else {}
-            runs.append({"dataset": ds, "experiment": name, "label": desc.get("label", name),
-                         "group": desc.get("group", "main"), "text_backbone": desc.get("text_backbone"),
-                         "text_params_b": desc.get("text_params_b"), "metrics": m, "eff": eff})
+            runs.append(
+                {
+                    "dataset": ds,
+                    "experiment": name,
+                    "label": desc.get("label", name),
+                    "group": desc.get("group", "main"),
+                    "text_backbone": desc.get("text_backbone"),
+                    "text_params_b": desc.get("text_params_b"),
+                    "metrics": m,
+                    "eff": eff,
+                }
+            )
     return runs, missing
 
 
@@ -40,7 +51,7 @@ def _write_table(out: Path, name: str, title: str, header: list[str], rows: list
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     if note:
@@ -48,33 +59,79 @@ def _write_table(out: Path, name: str, title: str, header: list[str], rows: list
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
-def _quality_rows(runs):
-    return [[r["dataset"], r["experiment"], r["label"], 100 * r["metrics"]["test"]["HR@10"],
-             100 * r["metrics"]["test"]["NDCG@10"], 100 * r["metrics"]["valid"]["HR@10"], r["metrics"]["best_epoch"]]
-            for r in runs]
+def metric_k(runs) -> int:
+    """The runs' HR@k / NDCG@k cut-off (``metric_k``); they must agree to share a table."""
+    ks = {r["metrics"].get("metric_k", 10) for r in runs}
+    if len(ks) > 1:
+        raise ConfigError(
+            f"the runs of one report use different `metric_k` values {sorted(ks)}; give them the same one"
+        )
+    return ks.pop() if ks else 10
 
 
-QUALITY_HEADER = ["dataset", "experiment", "method", "test HR@10 (%)", "test NDCG@10 (%)", "valid HR@10 (%)", "best epoch"]
+def _quality_rows(runs, k):
+    return [
+        [
+            r["dataset"],
+            r["experiment"],
+            r["label"],
+            100 * r["metrics"]["test"][f"HR@{k}"],
+            100 * r["metrics"]["test"][f"NDCG@{k}"],
+            100 * r["metrics"]["valid"][f"HR@{k}"],
+            r["metrics"]["best_epoch"],
+        ]
+        for r in runs
+    ]
+
+
+def quality_header(k):
+    return [
+        "dataset",
+        "experiment",
+        "method",
+        f"test HR@{k} (%)",
+        f"test NDCG@{k} (%)",
+        f"valid HR@{k} (%)",
+        "best epoch",
+    ]
+
+
+def _timed(r) -> bool:
+    """A run with training time to report (popularity has none)."""
+    return bool(r["eff"]) and methods.get(r["eff"]["method"]).trains
 
 
 def _efficiency_rows(runs):
     by_ds: dict[str, dict] = {}
     for r in runs:
-        if r["eff"] and r["eff"].get("method") != "pop":
+        if _timed(r):
             by_ds.setdefault(r["dataset"], {})[r["experiment"]] = r
     rows = []
     for ds, rs in by_ds.items():
         scores = tpme({k: v["eff"] for k, v in rs.items()})
-        fft = next((v["eff"] for v in rs.values() if v["eff"].get("method") == "fft"), None)
+        fft = next((v["eff"] for v in rs.values() if methods.get(v["eff"]["method"]).reference), None)
         for k, v in rs.items():
             e = v["eff"]
-            ratio = f"{e['seconds_per_epoch'] / fft['seconds_per_epoch']:.3f}" if fft and fft["seconds_per_epoch"] else "-"
-            rows.append([ds, k, v["label"], e["seconds_per_epoch"], e["peak_memory_bytes"] / 2**20,
-                         e.get("peak_memory_kind", ""), e["trainable_parameters"], scores[k], ratio])
+            ratio = (
+                f"{e['seconds_per_epoch'] / fft['seconds_per_epoch']:.3f}" if fft and fft["seconds_per_epoch"] else "-"
+            )
+            rows.append(
+                [
+                    ds,
+                    k,
+                    v["label"],
+                    e["seconds_per_epoch"],
+                    e["peak_memory_bytes"] / 2**20,
+                    e.get("peak_memory_kind", ""),
+                    e["trainable_parameters"],
+                    scores[k],
+                    ratio,
+                ]
+            )
     return rows
 
 
-def _plots(out: Path, runs, storage_rows) -> list[str]:
+def _plots(out: Path, runs, storage_rows, k) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,16 +143,16 @@ def _plots(out: Path, runs, storage_rows) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for ds in sorted({r["dataset"] for r in scaling}):
             rs = [r for r in scaling if r["dataset"] == ds]
-            ax.plot([r["label"] for r in rs], [100 * r["metrics"]["test"]["HR@10"] for r in rs], marker="o", label=ds)
-        ax.set_ylabel("test HR@10 (%)")
-        ax.set_title("HR@10 by text encoder")
+            ax.plot([r["label"] for r in rs], [100 * r["metrics"]["test"][f"HR@{k}"] for r in rs], marker="o", label=ds)
+        ax.set_ylabel(f"test HR@{k} (%)")
+        ax.set_title(f"HR@{k} by text encoder")
         ax.tick_params(axis="x", rotation=30)
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "hr_by_text_encoder.png", dpi=120)
         plt.close(fig)
         made.append("hr_by_text_encoder.png")
-    eff = [r for r in runs if r["eff"] and r["eff"].get("method") != "pop"]
+    eff = [r for r in runs if _timed(r)]
     if eff:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         labels = [f"{r['dataset']}/{r['label']}" for r in eff]
@@ -131,8 +188,16 @@ def _storage_rows(results: Path):
         if not store.exists():
             continue
         i = cache.info(store)
-        rows.append([done.parts[-4], f"{done.parent.name}/{done.stem}", len(i["layers"]),
-                     i["bytes_selected"] / 2**20, i["bytes_all_layers"] / 2**20, i["bytes_on_disk"] / 2**20])
+        rows.append(
+            [
+                done.parts[-4],
+                f"{done.parent.name}/{done.stem}",
+                len(i["layers"]),
+                i["bytes_selected"] / 2**20,
+                i["bytes_all_layers"] / 2**20,
+                i["bytes_on_disk"] / 2**20,
+            ]
+        )
     return rows
 
 
@@ -147,16 +212,41 @@ def build_report(results, out, experiments: dict | None = None) -> dict:
             experiments.setdefault(m.parts[-3], {})[m.parts[-2]] = {}
     runs, missing = _load_runs(results, experiments)
     note = ("Missing (not run or failed), left out: " + ", ".join(missing)) if missing else ""
-    for group, title in (("main", "Main comparison"), ("scaling", "Scaling by text encoder"), ("ablation", "Ablations")):
+    k = metric_k(runs)
+    for group, title in (
+        ("main", "Main comparison"),
+        ("scaling", "Scaling by text encoder"),
+        ("ablation", "Ablations"),
+    ):
         rs = [r for r in runs if r["group"] == group or (group == "main" and r["group"] == "baseline")]
-        _write_table(out, group, title, QUALITY_HEADER, _quality_rows(rs), note)
-    _write_table(out, "efficiency", "Efficiency (training phase only; TPME weights 0.45/0.1/0.45, lower is better)",
-                 ["dataset", "experiment", "method", "s/epoch", "peak memory (MiB)", "memory kind",
-                  "trainable params", "TPME", "time / FFT"], _efficiency_rows(runs), note)
+        _write_table(out, group, title, quality_header(k), _quality_rows(rs, k), note)
+    _write_table(
+        out,
+        "efficiency",
+        "Efficiency (training phase only; TPME weights 0.45/0.1/0.45, lower is better)",
+        [
+            "dataset",
+            "experiment",
+            "method",
+            "s/epoch",
+            "peak memory (MiB)",
+            "memory kind",
+            "trainable params",
+            "TPME",
+            "time / FFT",
+        ],
+        _efficiency_rows(runs),
+        note,
+    )
     storage = _storage_rows(results)
-    _write_table(out, "storage", "Cache storage: selected vs all layers",
-                 ["dataset", "cache", "layers kept", "selected (MiB)", "all layers (MiB)", "on disk (MiB)"], storage)
-    plots = _plots(out, runs, storage)
+    _write_table(
+        out,
+        "storage",
+        "Cache storage: selected vs all layers",
+        ["dataset", "cache", "layers kept", "selected (MiB)", "all layers (MiB)", "on disk (MiB)"],
+        storage,
+    )
+    plots = _plots(out, runs, storage, k)
     summary = {"runs": len(runs), "missing": missing, "plots": plots}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("report: %d runs, %d missing, plots %s -> %s", len(runs), len(missing), plots, out)

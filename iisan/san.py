@@ -7,35 +7,12 @@ the text width differs (VA), maps each text tap through its own Linear (DTL).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from iisan.errors import ConfigError
-
-
-@dataclass
-class SANConfig:
-    """Shape of the item encoder. Widths and tap counts come from the caches."""
-
-    d: int = 64  # item/sequence embedding size
-    bottleneck: int = 64  # SANB hidden size
-    text_taps: int = 0  # K_text (0 = no text modality)
-    text_width: int = 0
-    image_taps: int = 0
-    image_width: int = 0
-    intra: bool = True  # text and image intra towers
-    inter: bool = True  # inter tower (needs both modalities)
-    learned_gates: bool = True  # False: every gate fixed at 0.5
-
-    def __post_init__(self):
-        if not self.text_taps and not self.image_taps:
-            raise ConfigError("the item encoder needs at least one modality (a text or an image cache)")
-        if self.inter and not (self.text_taps and self.image_taps):
-            self.inter = False  # single-modality data: nothing to fuse across
-        if not self.intra and not self.inter:
-            raise ConfigError("`towers`: with one modality only the intra tower exists; it cannot be switched off")
+from iisan.model import ItemEncoder, ItemSources, trainable
+from iisan.settings import ModelConfig, TrainConfig
 
 
 class SANBlock(nn.Module):
@@ -90,11 +67,14 @@ class InterTower(nn.Module):
         self.taps = taps
         self.blocks = nn.ModuleList(SANBlock(image_width, bottleneck) for _ in range(taps))
         self.gates = Gates(taps, learned_gates)
-        self.dtl = (nn.ModuleList(nn.Linear(text_width, image_width) for _ in range(taps))
-                    if text_width != image_width else None)
+        self.dtl = (
+            nn.ModuleList(nn.Linear(text_width, image_width) for _ in range(taps))
+            if text_width != image_width
+            else None
+        )
 
     def forward(self, ht, hv):  # (B, Kt, Wt), (B, Kv, Wv)
-        ht, hv = ht[:, -self.taps:], hv[:, -self.taps:]
+        ht, hv = ht[:, -self.taps :], hv[:, -self.taps :]
         b, m = self.gates(), torch.zeros_like(hv[:, 0])
         for k, block in enumerate(self.blocks):
             x = self.dtl[k](ht[:, k]) if self.dtl is not None else ht[:, k]
@@ -102,20 +82,34 @@ class InterTower(nn.Module):
         return m  # (B, Wv)
 
 
-class SANItemEncoder(nn.Module):
-    """Cached hidden states of an item -> its embedding e = FL([e_image : e_inter : e_text])."""
+class SANItemEncoder(ItemEncoder):
+    """An item's selected layers -> its embedding e = FL([e_image : e_inter : e_text]).
 
-    def __init__(self, cfg: SANConfig):
-        super().__init__()
-        self.cfg = cfg
+    Tap counts and widths come from the features (cached or live) and are
+    written into ``cfg``; with one modality the inter tower switches itself off."""
+
+    def __init__(self, cfg: ModelConfig, sources: ItemSources):
+        super().__init__(cfg, sources)
+        self.features = sources.features
+        (cfg.text_taps, cfg.text_width), (cfg.image_taps, cfg.image_width) = (
+            sources.shape("text"),
+            sources.shape("image"),
+        )
+        if not cfg.text_taps and not cfg.image_taps:
+            raise ConfigError("the item encoder needs at least one modality (a text or an image cache)")
+        if cfg.inter and not (cfg.text_taps and cfg.image_taps):
+            cfg.inter = False  # single-modality data: nothing to fuse across
+        if not cfg.intra and not cfg.inter:
+            raise ConfigError("`intra`: with one modality only the intra tower exists; it cannot be switched off")
         self.text = self.image = self.inter = None
         heads = {}
         if cfg.intra and cfg.image_taps:
             self.image = IntraTower(cfg.image_taps, cfg.image_width, cfg.bottleneck, cfg.learned_gates)
             heads["image"] = nn.Linear(cfg.image_width, cfg.d)
         if cfg.inter:
-            self.inter = InterTower(min(cfg.text_taps, cfg.image_taps), cfg.text_width, cfg.image_width,
-                                    cfg.bottleneck, cfg.learned_gates)
+            self.inter = InterTower(
+                min(cfg.text_taps, cfg.image_taps), cfg.text_width, cfg.image_width, cfg.bottleneck, cfg.learned_gates
+            )
             heads["inter"] = nn.Linear(cfg.image_width, cfg.d)
         if cfg.intra and cfg.text_taps:
             self.text = IntraTower(cfg.text_taps, cfg.text_width, cfg.bottleneck, cfg.learned_gates)
@@ -123,11 +117,21 @@ class SANItemEncoder(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.fusion = nn.Linear(len(heads) * cfg.d, cfg.d)
 
-    def san_parameters(self):
-        """Parameters of the SAN blocks (their own learning rate)."""
-        return [p for t in (self.text, self.image, self.inter) if t is not None for blk in t.blocks for p in blk.parameters()]
+    def towers(self):
+        return {
+            name: t for name, t in (("text", self.text), ("image", self.image), ("inter", self.inter)) if t is not None
+        }
 
-    def forward(self, ht=None, hv=None):  # ht: (B, Kt, Wt) text taps, hv: (B, Kv, Wv) image taps
+    def param_groups(self, tc: TrainConfig) -> list[dict]:
+        """SAN blocks at ``lr_san``; gates, DTLs, heads and fusion at ``lr``."""
+        san = [p for t in self.towers().values() for blk in t.blocks for p in blk.parameters() if p.requires_grad]
+        ids = {id(p) for p in san}
+        return [
+            {"params": san, "lr": tc.lr_san},
+            {"params": [p for p in trainable(self) if id(p) not in ids], "lr": tc.lr},
+        ]
+
+    def encode(self, ht=None, hv=None):  # ht: (B, Kt, Wt) text taps, hv: (B, Kv, Wv) image taps -> (B, d)
         outs = []  # order [image : inter : text]
         if self.image is not None:
             outs.append(self.heads["image"](self.image(hv)))
@@ -135,45 +139,11 @@ class SANItemEncoder(nn.Module):
             outs.append(self.heads["inter"](self.inter(ht, hv)))
         if self.text is not None:
             outs.append(self.heads["text"](self.text(ht)))
-        return self.fusion(torch.cat(outs, dim=-1))  # (B, d)
+        return self.fusion(torch.cat(outs, dim=-1))
 
-    def gate_values(self) -> dict:
-        return {name: tower.gates().tolist() for name, tower in
-                (("text", self.text), ("image", self.image), ("inter", self.inter)) if tower is not None}
+    def forward(self, ids):  # (M,) -> (M, d)
+        return self.encode(*self.features(ids))
 
-
-class FrozenItemEncoder(nn.Module):
-    """The frozen-backbone anchor: a Linear head on the last layer of each modality."""
-
-    def __init__(self, cfg: SANConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.head = nn.Linear((cfg.text_width if cfg.text_taps else 0) + (cfg.image_width if cfg.image_taps else 0), cfg.d)
-
-    def san_parameters(self):
-        return []
-
-    def forward(self, ht=None, hv=None):
-        last = [h[:, -1] for h in (ht, hv) if h is not None]
-        return self.head(torch.cat(last, dim=-1))
-
-    def gate_values(self) -> dict:
-        return {}
-
-
-class IDItemEncoder(nn.Module):
-    """ID-based SASRec: a free embedding per item (the no-content anchor)."""
-
-    def __init__(self, n_items: int, d: int):
-        super().__init__()
-        self.emb = nn.Embedding(n_items + 1, d, padding_idx=0)
-        nn.init.normal_(self.emb.weight, std=0.02)
-
-    def san_parameters(self):
-        return []
-
-    def forward(self, ids):
-        return self.emb(ids)
-
-    def gate_values(self) -> dict:
-        return {}
+    def diagnostics(self) -> dict:
+        """The gate values per tower (the paper's gate analysis): {tower: [g_1..g_K]}."""
+        return {name: t.gates().tolist() for name, t in self.towers().items()}

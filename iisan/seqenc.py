@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from iisan.settings import ModelConfig
+
 
 class Block(nn.Module):
     def __init__(self, d: int, heads: int, dropout: float):
@@ -30,14 +32,16 @@ class Block(nn.Module):
 
 
 class SequenceEncoder(nn.Module):
-    def __init__(self, d: int = 64, max_len: int = 10, blocks: int = 2, heads: int = 2, dropout: float = 0.1):
+    """Item embeddings of a history -> the user state after each position."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.pos = nn.Embedding(max_len, d)
-        self.ln, self.drop = nn.LayerNorm(d), nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d, heads, dropout) for _ in range(blocks))
+        self.pos = nn.Embedding(cfg.max_len, cfg.d)
+        self.ln, self.drop = nn.LayerNorm(cfg.d), nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg.d, cfg.heads, cfg.dropout) for _ in range(cfg.blocks))
 
     def forward(self, item_emb, real):  # item_emb: (B, T, d) left-padded; real: (B, T) bool
-        B, T, _ = item_emb.shape
+        T = item_emb.shape[1]
         x = self.drop(self.ln(item_emb + self.pos.weight[-T:]))  # positions aligned to the right end
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         # keys must be real and not in the future; each position may always see itself so

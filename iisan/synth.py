@@ -18,11 +18,33 @@ from PIL import Image, ImageDraw
 
 KINDS = ["beaker", "pipette", "caliper", "multimeter", "microscope", "solder", "thermometer", "centrifuge"]
 COLOURS = {
-    "red": (210, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 210), "yellow": (230, 210, 40),
-    "purple": (140, 50, 170), "orange": (240, 130, 30), "cyan": (40, 200, 210), "black": (30, 30, 30),
+    "red": (210, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 210),
+    "yellow": (230, 210, 40),
+    "purple": (140, 50, 170),
+    "orange": (240, 130, 30),
+    "cyan": (40, 200, 210),
+    "black": (30, 30, 30),
 }
-BRANDS = ["Acme", "Labtek", "Smith &amp; Sons", "Norda", "Vexo", "Kelvin", "Orbis", "Pyra", "Quanta", "Zell",
-          "Hartley &amp; Co", "Medix", "Tessla", "Unimax", "Brightline", "Corvid"]
+BRANDS = [
+    "Acme",
+    "Labtek",
+    "Smith &amp; Sons",
+    "Norda",
+    "Vexo",
+    "Kelvin",
+    "Orbis",
+    "Pyra",
+    "Quanta",
+    "Zell",
+    "Hartley &amp; Co",
+    "Medix",
+    "Tessla",
+    "Unimax",
+    "Brightline",
+    "Corvid",
+]
 MATERIALS = ["glass", "steel", "plastic", "aluminium", "ceramic", "silicone", "brass", "nylon"]
 SIZES = ["mini", "compact", "standard", "large", "pro", "lab-grade", "portable", "heavy-duty"]
 SHAPES = ["circle", "square", "triangle"]
@@ -48,8 +70,16 @@ def draw_item_image(rng: np.random.Generator, colour, size: int) -> Image.Image:
     return im
 
 
-def synthesize(out, n_items: int = 1000, n_users: int = 3000, seed: int = 0, image_size: int = 32,
-               p_match: float = 0.75, p_half: float = 0.15, name: str = "demo") -> dict:
+def synthesize(
+    out,
+    n_items: int = 1000,
+    n_users: int = 3000,
+    seed: int = 0,
+    image_size: int = 32,
+    p_match: float = 0.75,
+    p_half: float = 0.15,
+    name: str = "demo",
+) -> dict:
     """Write ``{name}_items.tsv``, ``am_{name}_users.tsv``, ``images/{ASIN}.jpg`` and
     ``truth.json`` (the hidden traits) under ``out``. Returns the file paths."""
     rng = np.random.default_rng(seed)
@@ -65,8 +95,10 @@ def synthesize(out, n_items: int = 1000, n_users: int = 3000, seed: int = 0, ima
     items_path = out / f"{name}_items.tsv"
     with items_path.open("w", encoding="utf-8") as f:
         for i, a in enumerate(asins):
-            title = (f"{BRANDS[rng.integers(len(BRANDS))]} {SIZES[rng.integers(len(SIZES))]} "
-                     f"{MATERIALS[rng.integers(len(MATERIALS))]} {KINDS[kind[i]]} model {rng.integers(100, 999)}")
+            title = (
+                f"{BRANDS[rng.integers(len(BRANDS))]} {SIZES[rng.integers(len(SIZES))]} "
+                f"{MATERIALS[rng.integers(len(MATERIALS))]} {KINDS[kind[i]]} model {rng.integers(100, 999)}"
+            )
             f.write(f"{a}\t{title}\n")
             draw_item_image(rng, COLOURS[colours[colour[i]]], image_size).save(out / "images" / f"{a}.jpg", quality=92)
 
@@ -87,7 +119,11 @@ def synthesize(out, n_items: int = 1000, n_users: int = 3000, seed: int = 0, ima
                 seq.append(int(rng.choice(pool, p=w / w.sum())))
             f.write(f"U{u:05d}\t{' '.join(asins[i] for i in seq)}\n")
 
-    truth = {"kinds": KINDS, "colours": colours, "seed": seed,
-             "items": {a: {"kind": KINDS[kind[i]], "colour": colours[colour[i]]} for i, a in enumerate(asins)}}
+    truth = {
+        "kinds": KINDS,
+        "colours": colours,
+        "seed": seed,
+        "items": {a: {"kind": KINDS[kind[i]], "colour": colours[colour[i]]} for i, a in enumerate(asins)},
+    }
     (out / "truth.json").write_text(json.dumps(truth))
     return {"items": str(items_path), "users": str(users_path), "images": str(out / "images")}

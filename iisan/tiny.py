@@ -12,13 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from iisan.errors import ConfigError
+from iisan.outputs import output_folder
 
 log = logging.getLogger(__name__)
 
@@ -36,40 +35,82 @@ def _tokenizer():
 
 
 def _build(kind: str, out: Path, seed: int, source: Path | None) -> None:
-    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, ViTConfig, ViTImageProcessor, ViTModel
+    from transformers import (
+        BertConfig,
+        BertModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
 
     torch.manual_seed(seed)
     if kind == "tiny-bert":  # 12 layers like BERT-base, width 64
-        cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=12, num_attention_heads=4,
-                         intermediate_size=128, max_position_embeddings=64,
-                         initializer_range=0.2)  # a random BERT at 0.02 barely varies its CLS state across inputs
+        cfg = BertConfig(
+            vocab_size=30522,
+            hidden_size=64,
+            num_hidden_layers=12,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            initializer_range=0.2,
+        )  # a random BERT at 0.02 barely varies its CLS state across inputs
         BertModel(cfg).save_pretrained(out)
         _tokenizer().save_pretrained(out)
     elif kind == "tiny-vit":  # 12 layers like ViT-base, 32px images, 8px patches
-        cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=12, num_attention_heads=4,
-                        intermediate_size=128)
+        cfg = ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=64,
+            num_hidden_layers=12,
+            num_attention_heads=4,
+            intermediate_size=128,
+        )
         ViTModel(cfg).save_pretrained(out)
         ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
     elif kind == "tiny-llama":  # 24 layers (twice the ViT: the asymmetric case), width 128 != 64 (needs the DTL)
-        cfg = LlamaConfig(vocab_size=30522, hidden_size=128, intermediate_size=256, num_hidden_layers=24,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                          tie_word_embeddings=True, pad_token_id=0, initializer_range=0.2)
+        cfg = LlamaConfig(
+            vocab_size=30522,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=24,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            initializer_range=0.2,
+        )
         LlamaForCausalLM(cfg).save_pretrained(out)
         _tokenizer().save_pretrained(out)
     elif kind == "tiny-llama-gptq":
         _quantize(source, out)
-    else:
-        raise ConfigError(f"unknown tiny backbone {kind!r}; choose from {TINY}")
 
 
 def _quantize(source: Path, out: Path) -> None:
     """4-bit GPTQ of the tiny Llama on CPU with gptqmodel (a few seconds)."""
-    from iisan import backbones  # noqa: F401  (sets GPTQMODEL_CPU_WORKERS before gptqmodel loads)
     from gptqmodel import GPTQModel, QuantizeConfig
+
+    from iisan import backbones  # noqa: F401  (sets GPTQMODEL_CPU_WORKERS before gptqmodel loads)
 
     source, out = Path(source).resolve(), Path(out).resolve()  # absolute: weights are read lazily after the chdir below
     tok = _tokenizer()
-    words = "steel glass beaker pipette caliper thermometer solder microscope centrifuge model lab red blue".split()
+    words = [
+        "steel",
+        "glass",
+        "beaker",
+        "pipette",
+        "caliper",
+        "thermometer",
+        "solder",
+        "microscope",
+        "centrifuge",
+        "model",
+        "lab",
+        "red",
+        "blue",
+    ]
     calib = []
     for i in range(64):  # deterministic calibration text, > 10 tokens each
         ids = tok(" ".join(words[(i + j) % len(words)] for j in range(24)))
@@ -82,24 +123,20 @@ def _quantize(source: Path, out: Path) -> None:
 
 
 def build_tiny(kind: str, out, seed: int = 0) -> Path:
-    """Build one tiny backbone into ``out`` (atomic; skipped if already complete)."""
+    """Build one tiny backbone into ``out`` (atomic; skipped if already complete).
+
+    ``out`` may only be replaced if iisan built it (see iisan.outputs)."""
+    if kind not in TINY:
+        raise ConfigError(f"unknown tiny backbone {kind!r}; choose from {TINY}")
     out = Path(out)
     stamp = out / "iisan-tiny.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("kind") == kind:
+    if stamp.is_file() and json.loads(stamp.read_text()) == {"kind": kind, "seed": seed}:
         return out
     source = None
     if kind == "tiny-llama-gptq":
         source = build_tiny("tiny-llama", out.parent / "tiny-llama", seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with output_folder(out, "tiny-backbone", {"model": kind, "seed": seed}) as tmp:
         _build(kind, tmp, seed, source)
         (tmp / "iisan-tiny.json").write_text(json.dumps({"kind": kind, "seed": seed}))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("built %s in %s", kind, out)
     return out

@@ -39,6 +39,27 @@ def small_demo(tmp_path_factory):
     return raw, root / "data"
 
 
+@pytest.fixture(scope="session")
+def caches(tiny, small_demo, tmp_path_factory):
+    """Stage-one caches of the small demo: {"text": tiny BERT store, "image": tiny ViT store}."""
+    from iisan.backbones import BackboneSpec
+    from iisan.extract import extract
+
+    _, data_dir = small_demo
+    root = tmp_path_factory.mktemp("caches")
+    extract(data_dir, BackboneSpec(model=str(tiny["tiny-bert"])), {}, root / "t.zarr", chunk_items=128)
+    extract(data_dir, BackboneSpec(model=str(tiny["tiny-vit"]), modality="image"), {}, root / "v.zarr", chunk_items=128)
+    return {"text": root / "t.zarr", "image": root / "v.zarr"}
+
+
+def fit(data_dir, out, caches=None, backbones=None, **settings):
+    """``iisan train`` in-process with flat settings (as config.yaml gives them)."""
+    from iisan.settings import from_settings
+    from iisan.train import train
+
+    return train(data_dir, out, *from_settings(settings), caches=caches, backbones=backbones)
+
+
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

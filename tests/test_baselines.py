@@ -4,18 +4,26 @@ starts from the pretrained model, uncached == cached; and TPME by hand."""
 import pytest
 import torch
 
+from iisan import methods
 from iisan.backbones import Backbone, BackboneSpec
 from iisan.data import PreparedData
 from iisan.efficiency import tpme
-from iisan.embedded import EmbeddedItemEncoder, LiveFeatures, apply_peft
-from iisan.extract import extract
-from iisan.san import SANConfig, SANItemEncoder
-from iisan.train import CachedFeatures, TrainConfig, train
+from iisan.features import CachedFeatures
+from iisan.item_inputs import EncodedItems
+from iisan.live import LiveFeatures
+from iisan.model import ItemSources
+from iisan.peft_baselines import PEFTConfig
+from iisan.san import SANItemEncoder
+from iisan.settings import ModelConfig
+
+from conftest import fit
 
 
 def _backbones(tiny):
-    return {"text": Backbone(BackboneSpec(model=str(tiny["tiny-bert"]))),
-            "image": Backbone(BackboneSpec(model=str(tiny["tiny-vit"]), modality="image"))}
+    return {
+        "text": Backbone(BackboneSpec(model=str(tiny["tiny-bert"]))),
+        "image": Backbone(BackboneSpec(model=str(tiny["tiny-vit"]), modality="image")),
+    }
 
 
 def _step(enc: torch.nn.Module, ids):
@@ -30,7 +38,9 @@ def test_embedded_methods_train_exactly_what_they_claim(tiny, small_demo, method
     data = PreparedData.load(data_dir)
     bbs = _backbones(tiny)
     before = {m: {n: p.detach().clone() for n, p in b.model.named_parameters()} for m, b in bbs.items()}
-    enc = EmbeddedItemEncoder(data, bbs, method, d=16)
+    enc = methods.load(methods.get(method).item_encoder)(
+        ModelConfig(method=method, d=16), ItemSources(data, backbones=bbs)
+    )
     trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
     n_trainable = sum(p.numel() for p in enc.parameters() if p.requires_grad)
     head = {"head.weight", "head.bias"}
@@ -76,45 +86,44 @@ def test_lora_and_adapters_start_from_the_pretrained_outputs(tiny, small_demo):
     for method in ("lora", "adapter"):
         ref = _backbones(tiny)
         peft = _backbones(tiny)
+        adapt = methods.load(methods.get(method).item_encoder).adapt
         for m in ("text", "image"):
-            from iisan.embedded import EncodedItems
-
             x = EncodedItems(data, ref[m])(list(range(1, 20)))
             want = ref[m].forward(x, [0, 6, 12])
-            peft[m].model = apply_peft(peft[m].model, method).eval()
+            peft[m].model = adapt(peft[m].model, PEFTConfig()).eval()
             assert torch.equal(peft[m].forward(x, [0, 6, 12]), want), (method, m)
 
 
-def test_uncached_and_cached_iisan_give_the_same_item_embeddings(tiny, small_demo, tmp_path):
+def test_uncached_and_cached_iisan_give_the_same_item_embeddings(tiny, small_demo, caches):
     _, data_dir = small_demo
     data = PreparedData.load(data_dir)
-    extract(data_dir, BackboneSpec(model=str(tiny["tiny-bert"])), {}, tmp_path / "t.zarr", chunk_items=64)
-    extract(data_dir, BackboneSpec(model=str(tiny["tiny-vit"]), modality="image"), {}, tmp_path / "v.zarr", chunk_items=64)
-    cached = CachedFeatures(data, tmp_path / "t.zarr", tmp_path / "v.zarr")
-    live = LiveFeatures(data, _backbones(tiny), {"text": cached.attrs["text"]["layers"], "image": cached.attrs["image"]["layers"]})
+    cached = CachedFeatures(data, caches)
+    live = LiveFeatures(
+        data, _backbones(tiny), {"text": cached.attrs["text"]["layers"], "image": cached.attrs["image"]["layers"]}
+    )
     assert cached.shape("text") == live.shape("text") and cached.shape("image") == live.shape("image")
     torch.manual_seed(0)
-    (kt, wt), (kv, wv) = cached.shape("text"), cached.shape("image")
-    enc = SANItemEncoder(SANConfig(text_taps=kt, text_width=wt, image_taps=kv, image_width=wv)).eval()
+    enc = SANItemEncoder(ModelConfig(), ItemSources(data, features=cached)).eval()
     ids = torch.arange(0, data.n_items + 1)
     with torch.no_grad():
-        a, b = enc(*cached(ids)), enc(*live(ids))
+        a, b = enc.encode(*cached(ids)), enc.encode(*live(ids))
     # the same fp16-rounded hidden states; batch padding can move a value by one fp16 ulp at most
     assert torch.allclose(a, b, atol=2e-3, rtol=1e-3)
     ht_c, ht_l = cached(ids)[0], live(ids)[0]
     assert (ht_c == ht_l).float().mean() > 0.99
 
 
-def test_uncached_training_reaches_the_cached_metrics(tiny, small_demo, tmp_path):
+def test_uncached_training_reaches_the_cached_metrics(tiny, small_demo, caches, tmp_path):
     import json
 
     _, data_dir = small_demo
-    extract(data_dir, BackboneSpec(model=str(tiny["tiny-bert"])), {}, tmp_path / "t.zarr", chunk_items=64)
-    extract(data_dir, BackboneSpec(model=str(tiny["tiny-vit"]), modality="image"), {}, tmp_path / "v.zarr", chunk_items=64)
-    specs = {"text": BackboneSpec(model=str(tiny["tiny-bert"])), "image": BackboneSpec(model=str(tiny["tiny-vit"]), modality="image")}
+    specs = {
+        "text": BackboneSpec(model=str(tiny["tiny-bert"])),
+        "image": BackboneSpec(model=str(tiny["tiny-vit"]), modality="image"),
+    }
     cfg = dict(epochs=4, patience=4, batch_size=64, lr=2e-3, lr_san=2e-3)
-    u = train(data_dir, tmp_path / "u", TrainConfig(method="uncached", **cfg), backbones=specs)
-    c = train(data_dir, tmp_path / "c", TrainConfig(method="iisan", **cfg), tmp_path / "t.zarr", tmp_path / "v.zarr")
+    u = fit(data_dir, tmp_path / "u", backbones=specs, method="uncached", **cfg)
+    c = fit(data_dir, tmp_path / "c", caches, method="iisan", **cfg)
     for split in ("valid", "test"):
         assert abs(u[split]["HR@10"] - c[split]["HR@10"]) <= 0.01, (u[split], c[split])
     eff = json.loads((tmp_path / "u/efficiency.json").read_text())
@@ -122,9 +131,11 @@ def test_uncached_training_reaches_the_cached_metrics(tiny, small_demo, tmp_path
 
 
 def test_tpme_min_max_normalised_by_hand():
-    rows = {"fft": {"seconds_per_epoch": 100, "trainable_parameters": 1000, "peak_memory_bytes": 50},
-            "iisan": {"seconds_per_epoch": 10, "trainable_parameters": 10, "peak_memory_bytes": 5},
-            "lora": {"seconds_per_epoch": 80, "trainable_parameters": 10, "peak_memory_bytes": 40}}
+    rows = {
+        "fft": {"seconds_per_epoch": 100, "trainable_parameters": 1000, "peak_memory_bytes": 50},
+        "iisan": {"seconds_per_epoch": 10, "trainable_parameters": 10, "peak_memory_bytes": 5},
+        "lora": {"seconds_per_epoch": 80, "trainable_parameters": 10, "peak_memory_bytes": 40},
+    }
     s = tpme(rows)
     assert s["fft"] == pytest.approx(1.0) and s["iisan"] == pytest.approx(0.0)
     assert s["lora"] == pytest.approx(0.45 * 70 / 90 + 0.1 * 0 + 0.45 * 35 / 45)

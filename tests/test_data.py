@@ -1,16 +1,18 @@
 """Raw-data reading, preparation and the demo generator."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SCI_ITEMS, SCI_USERS, need_scientific, write
 from iisan.data import PreparedData, leave_one_out, prepare
 from iisan.errors import DataError
 from iisan.images import ImageSource
 from iisan.synth import synthesize
+
+from conftest import SCI_ITEMS, SCI_USERS, need_scientific, write
 
 
 def test_scientific_reproduces_published_counts(tmp_path):
@@ -49,10 +51,13 @@ def test_prepare_filters_truncates_and_numbers_in_items_file_order(tmp_path):
     assert d.popularity[1:] == pytest.approx(counts[1:] / counts[1:].sum())
 
 
-@pytest.mark.parametrize("content, line, needle", [
-    ("A1\tok\nA2\tbad\textra\n", 2, "expected 2 tab-separated columns, found 3"),
-    ("A1 no tab here\n", 1, "expected 2 tab-separated columns, found 1"),
-])
+@pytest.mark.parametrize(
+    "content, line, needle",
+    [
+        ("A1\tok\nA2\tbad\textra\n", 2, "expected 2 tab-separated columns, found 3"),
+        ("A1 no tab here\n", 1, "expected 2 tab-separated columns, found 1"),
+    ],
+)
 def test_malformed_items_line_names_file_line_and_fix(tmp_path, content, line, needle):
     items = write(tmp_path / "items.tsv", content)
     users = write(tmp_path / "users.tsv", "u\tA1 A1 A1 A1 A1\n")
@@ -65,7 +70,9 @@ def test_malformed_items_line_names_file_line_and_fix(tmp_path, content, line, n
 def test_unknown_item_in_sequence(tmp_path):
     items = write(tmp_path / "items.tsv", "A1\tx\nA2\ty\n")
     users = write(tmp_path / "users.tsv", "u1\tA1 A2 A1 A2 A1\nu2\tA1 A9 A2 A1 A2\n")
-    with pytest.raises(DataError, match=r"users.tsv, line 2: user 'u2' names item 'A9', which is not in the items file"):
+    with pytest.raises(
+        DataError, match=r"users.tsv, line 2: user 'u2' names item 'A9', which is not in the items file"
+    ):
         prepare(items, users, tmp_path / "out")
 
 
@@ -112,6 +119,7 @@ class LMDB_Image:  # the authors' record class, as their build script pickles it
 class Evil:
     def __reduce__(self):
         import os
+
         return (os.system, ("echo pwned",))
 
 
@@ -127,7 +135,7 @@ def test_authors_lmdb_is_read_without_unpickling_arbitrary_objects(tmp_path):
     src = ImageSource(tmp_path / "am_x.lmdb")
     assert src.kind == "lmdb" and src.locate("A1") == "A1" and src.locate("A2") is None
     assert np.array_equal(np.asarray(src.load("A1")), arr)
-    with pytest.raises(DataError, match="refusing to load posix.system|refusing to load os.system"):
+    with pytest.raises(DataError, match=r"refusing to load posix.system|refusing to load os.system"):
         src.load("EVIL")
 
 
@@ -137,11 +145,14 @@ def test_synth_is_deterministic_multimodal_and_prepares(tmp_path):
     a = synthesize(tmp_path / "a", n_items=120, n_users=200, seed=3)
     b = synthesize(tmp_path / "b", n_items=120, n_users=200, seed=3)
     for k in ("items", "users"):
-        assert open(a[k]).read() == open(b[k]).read()
-    assert (tmp_path / "a/images").joinpath(sorted(p.name for p in (tmp_path / "a/images").iterdir())[0]).read_bytes() \
-        == (tmp_path / "b/images").joinpath(sorted(p.name for p in (tmp_path / "b/images").iterdir())[0]).read_bytes()
+        assert Path(a[k]).read_text() == Path(b[k]).read_text()
+    assert (tmp_path / "a/images").joinpath(
+        sorted(p.name for p in (tmp_path / "a/images").iterdir())[0]
+    ).read_bytes() == (tmp_path / "b/images").joinpath(
+        sorted(p.name for p in (tmp_path / "b/images").iterdir())[0]
+    ).read_bytes()
     truth = json.loads((tmp_path / "a/truth.json").read_text())
-    titles = dict(line.rstrip("\n").split("\t") for line in open(a["items"]))
+    titles = dict(line.split("\t") for line in Path(a["items"]).read_text().splitlines())
     for asin, t in truth["items"].items():  # kind only in the title, colour never in it
         assert t["kind"] in titles[asin] and not any(c in titles[asin].lower().split() for c in truth["colours"])
     meta = prepare(a["items"], a["users"], tmp_path / "p", images=a["images"])

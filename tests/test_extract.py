@@ -1,14 +1,11 @@
 """Stage one: backbones, pooling, the resumable cache."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -73,7 +70,9 @@ def test_gptq_with_disk_offload_matches_cpu_only_load(tiny, small_demo, tmp_path
     _, data_dir = small_demo
     plain, offl = tmp_path / "cpu.zarr", tmp_path / "offload.zarr"
     extract(data_dir, _spec(tiny, "tiny-llama-gptq"), {"n": 6}, plain, chunk_items=128)
-    spec = _spec(tiny, "tiny-llama-gptq", device_map="auto", max_memory={"cpu": "1MB"}, offload_folder=str(tmp_path / "off"))
+    spec = _spec(
+        tiny, "tiny-llama-gptq", device_map="auto", max_memory={"cpu": "1MB"}, offload_folder=str(tmp_path / "off")
+    )
     b = Backbone(spec)
     placed = set(b.model.hf_device_map.values())
     assert "disk" in placed, b.model.hf_device_map  # really offloaded
@@ -86,15 +85,30 @@ def test_gptq_with_disk_offload_matches_cpu_only_load(tiny, small_demo, tmp_path
 
 
 def _cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "iisan", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "iisan", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw
+    )
 
 
 def test_killed_extraction_resumes_only_missing_chunks(tiny, small_demo, tmp_path):
     _, data_dir = small_demo
     store = tmp_path / "llama.zarr"
     backbone = json.dumps({"model": str(tiny["tiny-llama"]), "modality": "text", "batch_size": 1})
-    args = ["extract", "--data", str(data_dir), "--backbone", backbone, "--layers", '{"n": 6}', "--store", str(store),
-            "--chunk-items", "8", "--done", str(tmp_path / "llama.done")]
+    args = [
+        "extract",
+        "--data",
+        str(data_dir),
+        "--backbone",
+        backbone,
+        "--layers",
+        '{"n": 6}',
+        "--store",
+        str(store),
+        "--chunk-items",
+        "8",
+        "--done",
+        str(tmp_path / "llama.done"),
+    ]
     p = _cli(*args)
     progress = cache.progress_dir(store)
     deadline = time.time() + 120
@@ -102,6 +116,7 @@ def test_killed_extraction_resumes_only_missing_chunks(tiny, small_demo, tmp_pat
         time.sleep(0.01)
     p.send_signal(signal.SIGKILL)  # a real kill, mid-run
     p.wait()
+    p.stdout.close()
     done_before = len(list(progress.iterdir()))
     total = len(cache.missing_chunks(store)) + done_before
     assert 3 <= done_before < total, "extraction finished before it could be killed"
@@ -118,7 +133,7 @@ def test_killed_extraction_resumes_only_missing_chunks(tiny, small_demo, tmp_pat
 
 
 def test_stale_store_is_refused_or_rebuilt_never_mixed(tiny, small_demo, tmp_path):
-    raw, data_dir = small_demo
+    _, data_dir = small_demo
     store = tmp_path / "bert.zarr"
     extract(data_dir, _spec(tiny, "tiny-bert"), {"n": 6}, store, chunk_items=64)
     with pytest.raises(CacheMismatchError, match=r"layers: cached \[0, 2, 4, 6, 8, 10, 12\], asked \[0, 2, 7, 12\]"):
@@ -159,13 +174,16 @@ def test_cache_info_reports_bytes_and_full_layer_cost(tiny, small_demo, tmp_path
     n = PreparedData.load(data_dir).n_items + 1
     assert info["bytes_selected"] == n * 7 * 128 * 2 and info["bytes_all_layers"] == n * 25 * 128 * 2
     assert info["bytes_on_disk"] >= info["bytes_selected"]  # uncompressed
-    out = subprocess.run([sys.executable, "-m", "iisan", "cache-info", str(store)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "iisan", "cache-info", str(store)], capture_output=True, text=True, check=True
+    ).stdout
     assert f"({n}, 7, 128) float16" in out and "all 25 layers would take" in out and "3.6x the selected layers" in out
 
 
 def test_image_backbone_on_text_only_data_is_refused(tiny, tmp_path):
-    from conftest import write
     from iisan.data import prepare
+
+    from conftest import write
 
     items = write(tmp_path / "i.tsv", "".join(f"A{i}\tt{i}\n" for i in range(6)))
     users = write(tmp_path / "u.tsv", "u\t" + " ".join(f"A{i}" for i in range(6)) + "\n")

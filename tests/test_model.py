@@ -5,34 +5,44 @@ import math
 import pytest
 import torch
 
+from iisan.errors import ConfigError
 from iisan.loss import debiased_in_batch_ce
 from iisan.metrics import hr_ndcg, rank_of_target
-from iisan.san import InterTower, IntraTower, SANBlock, SANConfig, SANItemEncoder
+from iisan.model import ItemSources
+from iisan.san import InterTower, IntraTower, SANBlock, SANItemEncoder
 from iisan.seqenc import SequenceEncoder
-from iisan.errors import ConfigError
+from iisan.settings import ModelConfig
 
 
-def test_san_block_init_and_formula():
+def _set(linear, weight, bias):
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor(weight, dtype=torch.float32))
+        linear.bias.copy_(torch.tensor(bias, dtype=torch.float32))
+
+
+def test_san_block_init_and_a_hand_computed_case():
     torch.manual_seed(0)
     b = SANBlock(32, 8)
     assert b.down.bias.abs().sum() == 0 and b.up.bias.abs().sum() == 0
     assert b.down.weight.std().item() == pytest.approx(0.01, rel=0.2)
-    x = torch.randn(4, 32)
-    assert torch.allclose(b(x), x + b.up(torch.relu(b.down(x))))
+    b = SANBlock(2, 1)
+    _set(b.down, [[1.0, -1.0]], [0.5])
+    _set(b.up, [[2.0], [3.0]], [0.0, 1.0])
+    # x=[1, .25]: down = 1.25, relu 1.25, up = [2.5, 4.75], + x = [3.5, 5.0]; x=[0, 1]: down -0.5 -> 0, up = [0, 1]
+    assert b(torch.tensor([[1.0, 0.25], [0.0, 1.0]])).tolist() == [[3.5, 5.0], [0.0, 2.0]]
 
 
-def test_intra_tower_matches_the_recursion_by_hand():
-    torch.manual_seed(0)
-    t = IntraTower(3, 4, 2, learned_gates=True)
+def test_intra_tower_hand_computed():
+    t = IntraTower(2, 1, 1, learned_gates=True)
+    _set(t.blocks[0].down, [[1.0]], [0.0])  # SANB_1(x) = x + relu(x)
+    _set(t.blocks[0].up, [[1.0]], [0.0])
+    _set(t.blocks[1].down, [[2.0]], [0.0])  # SANB_2(x) = x - relu(2x) + 1
+    _set(t.blocks[1].up, [[-1.0]], [1.0])
     with torch.no_grad():
-        t.gates.w.copy_(torch.tensor([0.0, 0.1, -0.2]))
-    h = torch.randn(5, 3, 4)
-    g = torch.sigmoid(torch.tensor([0.0, 0.1, -0.2]) / 0.1)
-    assert g[0] == 0.5
-    ref = torch.zeros(5, 4)
-    for k in range(3):
-        ref = t.blocks[k](g[k] * h[:, k] + (1 - g[k]) * ref)
-    assert torch.allclose(t(h), ref)
+        t.gates.w.copy_(torch.tensor([0.0, 0.1]))
+    g1 = 1 / (1 + math.exp(-1.0))  # sigmoid(0.1 / 0.1)
+    # t_1 = SANB_1(.5*2 + .5*0) = 2; t_2 = SANB_2(g1*4 + (1-g1)*2) = 1 - (2 + 2*g1)
+    assert t(torch.tensor([[[2.0], [4.0]]])).item() == pytest.approx(-1 - 2 * g1, abs=1e-6)
 
 
 def test_fixed_gates_stay_at_half_and_are_not_trained():
@@ -41,42 +51,59 @@ def test_fixed_gates_stay_at_half_and_are_not_trained():
 
 
 def test_inter_tower_with_dtl_and_unequal_taps_pairs_the_top_taps():
-    torch.manual_seed(0)
-    it = InterTower(taps=2, text_width=6, image_width=4, bottleneck=3, learned_gates=True)
-    assert it.dtl is not None and it.dtl[0].in_features == 6 and it.dtl[0].out_features == 4
-    ht, hv = torch.randn(2, 5, 6), torch.randn(2, 2, 4)
-    ref, b = torch.zeros(2, 4), it.gates()
-    for k in range(2):  # text taps 3, 4 pair with image taps 0, 1
-        ref = it.blocks[k](ref + b[k] * hv[:, k] + (1 - b[k]) * it.dtl[k](ht[:, 3 + k]))
-    assert torch.allclose(it(ht, hv), ref)
+    it = InterTower(taps=1, text_width=2, image_width=1, bottleneck=1, learned_gates=True)
+    assert it.dtl is not None and it.dtl[0].in_features == 2 and it.dtl[0].out_features == 1
+    _set(it.blocks[0].down, [[1.0]], [0.0])  # SANB(x) = x + .5 relu(x)
+    _set(it.blocks[0].up, [[0.5]], [0.0])
+    _set(it.dtl[0], [[1.0, 2.0]], [0.5])  # DTL(t) = t1 + 2 t2 + .5
+    ht = torch.tensor([[[9.0, 9.0], [1.0, 1.0]]])  # two text taps: the top one, [1, 1], pairs with the image tap
+    hv = torch.tensor([[[3.0]]])
+    # X = 1 + 2 + .5 = 3.5; m = SANB(0 + .5*3 + .5*3.5) = SANB(3.25) = 3.25 + 1.625
+    assert it(ht, hv).item() == pytest.approx(4.875)
     assert InterTower(2, 4, 4, 3, True).dtl is None  # VS: same width, no DTL
 
 
-@pytest.mark.parametrize("kt, wt, kv, wv, intra, inter, heads", [
-    (7, 64, 7, 64, True, True, 3),    # VS
-    (7, 128, 7, 64, True, True, 3),   # VA (DTL)
-    (7, 32, 0, 0, True, True, 1),     # text only: inter switches itself off
-    (7, 64, 7, 64, False, True, 1),   # w/o intra
-    (7, 64, 7, 64, True, False, 2),   # w/o inter
-])
+class FakeFeatures:
+    def __init__(self, kt, wt, kv, wv):
+        self.shapes = {"text": (kt, wt), "image": (kv, wv)}
+
+    def shape(self, m):
+        return self.shapes[m]
+
+
+def _encoder(kt, wt, kv, wv, **kw):
+    cfg = ModelConfig(d=16, bottleneck=8, **kw)
+    return SANItemEncoder(cfg, ItemSources(data=None, features=FakeFeatures(kt, wt, kv, wv)))
+
+
+@pytest.mark.parametrize(
+    "kt, wt, kv, wv, intra, inter, heads",
+    [
+        (7, 64, 7, 64, True, True, 3),  # VS
+        (7, 128, 7, 64, True, True, 3),  # VA (DTL)
+        (7, 32, 0, 0, True, True, 1),  # text only: inter switches itself off
+        (7, 64, 7, 64, False, True, 1),  # w/o intra
+        (7, 64, 7, 64, True, False, 2),  # w/o inter
+    ],
+)
 def test_item_encoder_shapes_for_every_variant(kt, wt, kv, wv, intra, inter, heads):
-    cfg = SANConfig(d=16, bottleneck=8, text_taps=kt, text_width=wt, image_taps=kv, image_width=wv, intra=intra, inter=inter)
-    enc = SANItemEncoder(cfg)
+    enc = _encoder(kt, wt, kv, wv, intra=intra, inter=inter)
     assert len(enc.heads) == heads and enc.fusion.in_features == heads * 16
-    e = enc(torch.randn(5, kt, wt) if kt else None, torch.randn(5, kv, wv) if kv else None)
+    e = enc.encode(torch.randn(5, kt, wt) if kt else None, torch.randn(5, kv, wv) if kv else None)
     assert e.shape == (5, 16)
+    assert (enc.cfg.text_taps, enc.cfg.text_width, enc.cfg.image_taps, enc.cfg.image_width) == (kt, wt, kv, wv)
 
 
 def test_item_encoder_needs_a_modality():
     with pytest.raises(ConfigError, match="at least one modality"):
-        SANConfig()
+        _encoder(0, 0, 0, 0)
     with pytest.raises(ConfigError, match="cannot be switched off"):
-        SANConfig(text_taps=2, text_width=4, intra=False)
+        _encoder(2, 4, 0, 0, intra=False)
 
 
 def test_sequence_encoder_is_causal_and_ignores_padding():
     torch.manual_seed(0)
-    enc = SequenceEncoder(d=8, max_len=5, blocks=2, heads=2, dropout=0.0).eval()
+    enc = SequenceEncoder(ModelConfig(d=8, max_len=5, blocks=2, heads=2, dropout=0.0)).eval()
     x = torch.randn(1, 5, 8)
     real = torch.tensor([[False, True, True, True, True]])
     out = enc(x, real)
@@ -103,9 +130,7 @@ def slow_loss(user, items, seqs, log_pop):
             pos = u * S + t + 1
             logits = []
             for j in range(B * S):
-                if j == pos:
-                    logits.append((user[u, t] @ cand[j] - log_pop[ids[j]]).item())
-                elif ids[j] != 0 and ids[j].item() not in own:
+                if j == pos or (ids[j] != 0 and ids[j].item() not in own):
                     logits.append((user[u, t] @ cand[j] - log_pop[ids[j]]).item())
             target = (user[u, t] @ cand[pos] - log_pop[ids[pos]]).item()
             total += -(target - math.log(sum(math.exp(v) for v in logits)))

@@ -3,22 +3,29 @@
 import csv
 
 from iisan.report import build_report
-from iisan.train import TrainConfig, train
+
+from conftest import fit
 
 
 def test_report_tables_plots_and_missing_note(small_demo, tmp_path):
     _, data_dir = small_demo
     results = tmp_path / "results"
-    train(data_dir, results / "demo/popularity", TrainConfig(method="pop"))
-    train(data_dir, results / "demo/sasrec_id", TrainConfig(method="id", epochs=1))
-    exps = {"demo": {"popularity": {"group": "baseline", "label": "popularity"},
-                     "sasrec_id": {"group": "baseline", "label": "SASRec (ID)"},
-                     "vs_tiny": {"group": "main", "label": "IISAN-VS"}}}
+    fit(data_dir, results / "demo/popularity", method="pop")
+    fit(data_dir, results / "demo/sasrec_id", method="id", epochs=1)
+    exps = {
+        "demo": {
+            "popularity": {"group": "baseline", "label": "popularity"},
+            "sasrec_id": {"group": "baseline", "label": "SASRec (ID)"},
+            "vs_tiny": {"group": "main", "label": "IISAN-VS"},
+        }
+    }
     summary = build_report(results, tmp_path / "report", experiments=exps)
     assert summary["runs"] == 2 and summary["missing"] == ["demo/vs_tiny"]
     main = (tmp_path / "report/main.md").read_text()
-    assert "| demo | sasrec_id | SASRec (ID) |" in main and "Missing (not run or failed), left out: demo/vs_tiny" in main
-    rows = list(csv.DictReader(open(tmp_path / "report/main.csv")))
+    assert (
+        "| demo | sasrec_id | SASRec (ID) |" in main and "Missing (not run or failed), left out: demo/vs_tiny" in main
+    )
+    rows = list(csv.DictReader((tmp_path / "report/main.csv").read_text().splitlines()))
     pop = next(r for r in rows if r["experiment"] == "popularity")
     import json
 

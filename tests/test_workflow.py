@@ -6,30 +6,29 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, SCI_ITEMS, SCI_USERS, need_scientific
+from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-TARGET = ["vs_tiny", "va_tiny_llama_gptq", "text_only_tiny", "image_only_tiny", "frozen_tiny", "popularity"]
-OVERLAY = {  # a smaller demo than the README's, same code path
-    "datasets": {"demo": {"synth": {"items": 600, "users": 2000, "seed": 0},
-                          "train": {"lr": 2.0e-3, "lr_san": 2.0e-3, "batch_size": 64, "epochs": 20, "patience": 10}},
-                 "scientific": {"items": str(SCI_ITEMS), "users": str(SCI_USERS)}},
-    "targets": {"demo": {"datasets": ["demo"], "experiments": TARGET}},
-}
+SCENARIO = ".test/demo-small/config.yaml"  # a smaller demo than the README's, same code path
+TARGET = yaml.safe_load((REPO / SCENARIO).read_text())["targets"]["demo"]["experiments"]
 
 
-def snakemake(workdir, *args, overlays=(), check=True):
-    files = ["config.yaml", "overlay.yaml", *overlays]
+def snakemake(workdir, *args, overlays=(), check=True, scenario=SCENARIO):
+    files = ["config.yaml", scenario, *overlays]
     env = dict(os.environ, PYTHONPATH=str(workdir))  # the copied package: code edits there count
     env["PATH"] = "/usr/bin:/bin"  # as after `.venv/bin/snakemake` with no venv activated: the Snakefile must cope
-    r = subprocess.run([sys.executable, "-m", "snakemake", "--configfile", *files, *args], cwd=workdir,
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--configfile", *files, *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
     return r.stdout + r.stderr
@@ -57,10 +56,9 @@ def overlay(workdir, name, data):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("wf")
-    for item in ("Snakefile", "config.yaml", "workflow", "iisan", "envs"):
+    for item in ("Snakefile", "config.yaml", "workflow", "iisan", "envs", ".test"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, wd / item)
-    overlay(wd, "overlay.yaml", OVERLAY)
     out = snakemake(wd, "--cores", "2")
     return wd, out
 
@@ -72,8 +70,18 @@ def metric(wd, exp):
 def test_demo_dag_produces_report_tables_and_plots(demo_run):
     wd, _ = demo_run
     rep = wd / "results/report/demo"
-    for f in ("main.md", "main.csv", "scaling.md", "ablation.md", "efficiency.md", "efficiency.csv", "storage.md",
-              "hr_by_text_encoder.png", "time_memory_by_method.png", "cache_storage.png"):
+    for f in (
+        "main.md",
+        "main.csv",
+        "scaling.md",
+        "ablation.md",
+        "efficiency.md",
+        "efficiency.csv",
+        "storage.md",
+        "hr_by_text_encoder.png",
+        "time_memory_by_method.png",
+        "cache_storage.png",
+    ):
         assert (rep / f).is_file() and (rep / f).stat().st_size > 0, f
     assert "IISAN-VS (tiny BERT+ViT)" in (rep / "main.md").read_text()
     assert "tiny-llama-gptq/even6" in (rep / "storage.md").read_text()
@@ -110,7 +118,9 @@ def test_training_setting_reruns_training_and_report_only(demo_run):
 
 def test_layer_selection_reruns_that_extraction_and_its_dependants(demo_run):
     wd, _ = demo_run
-    ov = overlay(wd, "layers.yaml", {"experiments": {"vs_tiny": {"text": {"backbone": "tiny-bert", "layers": {"n": 3}}}}})
+    ov = overlay(
+        wd, "layers.yaml", {"experiments": {"vs_tiny": {"text": {"backbone": "tiny-bert", "layers": {"n": 3}}}}}
+    )
     out = snakemake(wd, "-n", "--cores", "1", overlays=[ov])
     assert job_counts(out) == {"extract_shard": 1, "cache_verify": 1, "train": 1, "report": 1, "all": 1}
     assert "results/demo/cache/tiny-bert/even3.done" in out
@@ -141,13 +151,13 @@ def test_code_change_reruns_the_stages_that_use_it(demo_run):
 
 
 def test_llama3_70b_target_dry_run_and_slurm_profile(demo_run):
-    need_scientific()
     wd, _ = demo_run
     target = "results/scientific/va_llama3_70b/metrics.json"
-    out = snakemake(wd, "-n", "--cores", "1", target)
+    paper = ".test/paper-dryrun/config.yaml"
+    out = snakemake(wd, "-n", "--cores", "1", target, scenario=paper)
     assert job_counts(out) == {"prepare": 1, "cache_init": 1, "extract_shard": 5, "cache_verify": 2, "train": 1}
     assert "results/scientific/cache/llama3-70b-gptq/even6.shards/3-of-4.done" in out
-    out = snakemake(wd, "-n", "--profile", "workflow/profiles/slurm", target)
+    out = snakemake(wd, "-n", "--profile", "workflow/profiles/slurm", target, scenario=paper)
     assert "gpu=1" in out and "runtime=720" in out and job_counts(out)["extract_shard"] == 5
 
 
@@ -159,3 +169,11 @@ def test_bad_config_is_rejected_with_the_key(demo_run):
     ov = overlay(wd, "bad2.yaml", {"backbones": {"tiny-bert": {"model": "x", "modality": "audio"}}})
     out = snakemake(wd, "-n", "--cores", "1", overlays=[ov], check=False)
     assert "audio" in out and "ValidationError" in out
+
+
+def test_a_generated_dataset_may_have_any_name(demo_run):
+    wd, _ = demo_run
+    ov = overlay(wd, "toy.yaml", {"datasets": {"toy": {"synth": {"items": 40, "users": 50, "seed": 4}}}})
+    snakemake(wd, "--cores", "1", "results/toy/data", overlays=[ov])
+    meta = json.loads((wd / "results/toy/data/meta.json").read_text())
+    assert meta["sources"]["items"] == "results/toy/raw/toy_items.tsv" and meta["n_items"] > 0

@@ -12,7 +12,7 @@ rule cache_init:
     params:
         spec=lambda wc: backbone_json(wc.backbone),
         layers=layers_for,
-        chunk=config.get("extract", {}).get("chunk_items", 1024),
+        chunk=config["extract"]["chunk_items"],
         code=code_hash("extract"),
     conda:
         "../../envs/iisan.yaml"
@@ -36,7 +36,7 @@ rule extract_shard:
     params:
         spec=lambda wc: backbone_json(wc.backbone),
         layers=layers_for,
-        chunk=config.get("extract", {}).get("chunk_items", 1024),
+        chunk=config["extract"]["chunk_items"],
         # a single job may rebuild a stale store; shards of a split store never delete it
         mismatch=lambda wc: "rebuild" if int(wc.n) == 1 else "error",
         code=code_hash("extract"),

@@ -4,7 +4,7 @@ rule synth:
         sequences="results/{ds}/raw/am_{ds}_users.tsv",
         images=directory("results/{ds}/raw/images"),
     params:
-        synth=lambda wc: _need("datasets", wc.ds)["synth"],
+        synth=lambda wc: config["datasets"][wc.ds]["synth"],
         code=code_hash("prepare"),
     conda:
         "../../envs/iisan.yaml"
@@ -13,18 +13,18 @@ rule synth:
     benchmark:
         "results/benchmarks/{ds}/synth.tsv"
     shell:
-        "iisan --log {log} synth --out results/{wildcards.ds}/raw --items {params.synth[items]} "
-        "--users {params.synth[users]} --seed {params.synth[seed]}"
+        "iisan --log {log} synth --name {wildcards.ds} --out results/{wildcards.ds}/raw --items {params.synth[items]} "
+        "--users {params.synth[users]} --seed {params.synth[seed]} --image-size {params.synth[image_size]}"
 
 
 rule prepare:
     input:
-        get_raw_inputs,
+        unpack(get_raw_inputs),
     output:
         directory("results/{ds}/data"),
     params:
-        files=lambda wc: raw_files(wc.ds),
-        missing=lambda wc: _need("datasets", wc.ds).get("missing_images", "error"),
+        images=images_flag,
+        ds=get_prepare_settings,
         code=code_hash("prepare"),
     conda:
         "../../envs/iisan.yaml"
@@ -33,9 +33,9 @@ rule prepare:
     benchmark:
         "results/benchmarks/{ds}/prepare.tsv"
     shell:
-        "iisan --log {log} prepare --items {params.files[items]} --users {params.files[users]} "
-        "$( [ '{params.files[images]}' != 'None' ] && echo --images {params.files[images]} ) "
-        "--missing-images {params.missing} --out {output}"
+        "iisan --log {log} prepare --items {input.items_tsv:q} --users {input.users_tsv:q} {params.images} "
+        "--missing-images {params.ds[missing_images]} --encoding {params.ds[encoding]} "
+        "--min-seq-len {params.ds[min_seq_len]} --max-seq-len {params.ds[max_seq_len]} --out {output}"
 
 
 rule build_tiny:

@@ -3,15 +3,18 @@
 import pytest
 
 from iisan.errors import ConfigError
-from iisan.layers import even_blocks, select_layers, spec_tag
+from iisan.layerdrop import even_blocks, select_layers, spec_tag
 
 
-@pytest.mark.parametrize("n_layers, blocks", [
-    (32, [1, 7, 13, 19, 25, 31]),
-    (28, [2, 7, 12, 17, 22, 27]),
-    (80, [4, 19, 34, 49, 64, 79]),
-    (24, [3, 7, 11, 15, 19, 23]),
-])
+@pytest.mark.parametrize(
+    "n_layers, blocks",
+    [
+        (32, [1, 7, 13, 19, 25, 31]),
+        (28, [2, 7, 12, 17, 22, 27]),
+        (80, [4, 19, 34, 49, 64, 79]),
+        (24, [3, 7, 11, 15, 19, 23]),
+    ],
+)
 def test_asymmetric_llm_taps_match_the_authors_runs(n_layers, blocks):
     # an LLM against a 12-layer image encoder keeps 12/2 = 6 taps
     assert even_blocks(n_layers, 6) == blocks
@@ -39,13 +42,16 @@ def test_ablation_schemes():
     assert select_layers(12, [0, 5, 12]) == [0, 5, 12]
 
 
-@pytest.mark.parametrize("spec, match", [
-    ({"n": 13}, "between 1 and the model's 12 layers"),
-    ({"scheme": "odd"}, "layers.scheme='odd'"),
-    ({"span": "middle"}, "layers.span='middle'"),
-    ([0, 13], "distinct hidden-state indices in 0..12"),
-    ([3, 3], "distinct"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"n": 13}, "between 1 and the model's 12 layers"),
+        ({"scheme": "odd"}, "layers.scheme='odd'"),
+        ({"span": "middle"}, "layers.span='middle'"),
+        ([0, 13], "distinct hidden-state indices in 0..12"),
+        ([3, 3], "distinct"),
+    ],
+)
 def test_bad_selection_is_rejected(spec, match):
     with pytest.raises(ConfigError, match=match):
         select_layers(12, spec)

@@ -37,50 +37,59 @@ def even_blocks(n_blocks: int, n: int) -> list[int]:
     return [n_blocks - 1 - k * (n - 1 - j) for j in range(n)]
 
 
-def select_layers(n_layers: int, spec) -> list[int]:
-    """Hidden-state indices for a model with ``n_layers`` transformer blocks.
+def normalize_spec(spec) -> dict:
+    """A layer specification in one form: a mapping with every key present.
 
     ``spec`` is an explicit list of hidden-state indices, or a mapping with
-    ``scheme`` (even | all | explicit), ``n`` (even), ``span`` (all | top | bottom:
-    which half of the blocks to draw from), ``embedding`` (bool) and ``indices``
-    (explicit).
-    """
+    ``scheme`` (even | all | explicit), ``n`` (even; None = half the blocks),
+    ``span`` (all | top | bottom: which half of the blocks to draw from),
+    ``embedding`` (bool) and ``indices`` (explicit)."""
     if isinstance(spec, (list, tuple)):
         spec = {"scheme": "explicit", "indices": list(spec)}
     spec = dict(spec or {})
-    scheme = spec.get("scheme", "even")
-    if scheme not in SCHEMES:
-        raise ConfigError(f"layers.scheme={scheme!r} is not one of {SCHEMES}")
-    if scheme == "explicit":
-        idx = [int(i) for i in spec.get("indices", [])]
+    out = {
+        "scheme": spec.pop("scheme", "even"),
+        "n": spec.pop("n", None),
+        "span": spec.pop("span", "all"),
+        "embedding": spec.pop("embedding", True),
+        "indices": [int(i) for i in spec.pop("indices", [])],
+    }
+    if spec:
+        raise ConfigError(f"layers: unknown key(s) {sorted(spec)}; known: {sorted(out)}")
+    if out["scheme"] not in SCHEMES:
+        raise ConfigError(f"layers.scheme={out['scheme']!r} is not one of {SCHEMES}")
+    if out["span"] not in SPANS:
+        raise ConfigError(f"layers.span={out['span']!r} is not one of {SPANS}")
+    return out
+
+
+def select_layers(n_layers: int, spec) -> list[int]:
+    """Hidden-state indices for a model with ``n_layers`` transformer blocks (see ``normalize_spec``)."""
+    spec = normalize_spec(spec)
+    if spec["scheme"] == "explicit":
+        idx = spec["indices"]
         if not idx or any(not 0 <= i <= n_layers for i in idx) or len(set(idx)) != len(idx):
             raise ConfigError(f"layers.indices={idx} must be distinct hidden-state indices in 0..{n_layers}")
         return sorted(idx)
-    span = spec.get("span", "all")
-    if span not in SPANS:
-        raise ConfigError(f"layers.span={span!r} is not one of {SPANS}")
     half = n_layers // 2
-    lo, hi = {"all": (0, n_layers), "top": (n_layers - half, n_layers), "bottom": (0, half)}[span]
-    if scheme == "all":
+    lo, hi = {"all": (0, n_layers), "top": (n_layers - half, n_layers), "bottom": (0, half)}[spec["span"]]
+    if spec["scheme"] == "all":
         blocks = list(range(lo, hi))
     else:
-        blocks = [lo + b for b in even_blocks(hi - lo, int(spec.get("n", max(1, (hi - lo) // 2))))]
+        blocks = [lo + b for b in even_blocks(hi - lo, int(spec["n"] or max(1, (hi - lo) // 2)))]
     taps = [b + 1 for b in blocks]
-    return ([0] if spec.get("embedding", True) else []) + taps
+    return ([0] if spec["embedding"] else []) + taps
 
 
 def spec_tag(spec) -> str:
     """Filename-safe name of a layer *specification* (not of its indices), so cache
     paths are known before any model is downloaded: even6, even6-top, all, x0-2-4."""
-    if isinstance(spec, (list, tuple)):
-        spec = {"scheme": "explicit", "indices": list(spec)}
-    spec = dict(spec or {})
-    scheme = spec.get("scheme", "even")
-    if scheme == "explicit":
-        return "x" + "-".join(str(int(i)) for i in spec.get("indices", []))
-    tag = "all" if scheme == "all" else f"even{spec['n']}" if "n" in spec else "evenhalf"
-    if spec.get("span", "all") != "all":
+    spec = normalize_spec(spec)
+    if spec["scheme"] == "explicit":
+        return "x" + "-".join(str(i) for i in spec["indices"])
+    tag = "all" if spec["scheme"] == "all" else f"even{spec['n']}" if spec["n"] is not None else "evenhalf"
+    if spec["span"] != "all":
         tag += f"-{spec['span']}"
-    if not spec.get("embedding", True):
+    if not spec["embedding"]:
         tag += "-noemb"
     return tag
