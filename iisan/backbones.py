@@ -14,6 +14,7 @@ gptqmodel; ``auto-gptq`` does not import with transformers 5). ``device_map``,
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -110,7 +111,8 @@ def _config(spec: BackboneSpec):
 
 
 def model_info(spec: BackboneSpec) -> dict:
-    """Layer count, width, pooling and quantisation from the config alone (no weights)."""
+    """Layer count, width, pooling and quantisation from the config (no weights loaded),
+    and a fingerprint of a local folder's files."""
     cfg = _config(spec)
     text_cfg = getattr(cfg, "text_config", None) or cfg
     n_layers = getattr(text_cfg, "num_hidden_layers", None)
@@ -135,8 +137,42 @@ def model_info(spec: BackboneSpec) -> dict:
         "model_type": cfg.model_type,
         "quantization": str(quant_method) if quant_method else None,
         "image_size": getattr(cfg, "image_size", None),
-        "commit": getattr(cfg, "_commit_hash", None),
-    }  # the hub snapshot actually resolved (None for a plain folder)
+        "commit": getattr(cfg, "_commit_hash", None),  # the hub snapshot actually resolved (None for a plain folder)
+        "weights": weights_fingerprint(spec.model) if Path(spec.model).is_dir() else None,
+    }
+
+
+# files of a local model folder that decide its outputs: weights, configs, tokenizer and processor files
+MODEL_FILE_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".json", ".model",
+                       ".txt", ".tiktoken"}  # fmt: skip
+_SAMPLES, _BLOCK = 16, 1 << 16
+
+
+def weights_fingerprint(folder) -> str:
+    """A digest of a local model folder: each model file's name and size, and its
+    content (whole for small files; for large ones the safetensors header, which
+    lists every tensor's dtype, shape and offsets, and 16 evenly spaced 64 KiB
+    blocks), so replacing the weights changes it while a 140 GB model costs a
+    few milliseconds. Logs and iisan's own markers are left out."""
+    root = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if not p.is_file() or p.suffix not in MODEL_FILE_SUFFIXES or rel.parts[0] == "logs" or p.name.startswith("."):
+            continue
+        size = p.stat().st_size
+        h.update(f"{rel.as_posix()}\0{size}\0".encode())
+        with p.open("rb") as f:
+            if size <= _SAMPLES * _BLOCK:
+                h.update(f.read())
+                continue
+            if p.suffix == ".safetensors":
+                n = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(n, 100 << 20)))
+            for i in range(_SAMPLES):
+                f.seek((size - _BLOCK) * i // (_SAMPLES - 1))
+                h.update(f.read(_BLOCK))
+    return h.hexdigest()[:16]
 
 
 def processor_image_size(processor, fallback: int | None = 224) -> int | None:
@@ -210,6 +246,7 @@ class Backbone:
         return {
             "model": self.spec.model,
             "revision": self.spec.revision or self.info.get("commit"),
+            "weights": self.info["weights"],
             "modality": self.spec.modality,
             "pooling": self.info["pooling"],
             "dtype": str(self.dtype).replace("torch.", ""),

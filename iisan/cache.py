@@ -27,6 +27,7 @@ CHUNK_ITEMS = 1024  # items per Zarr chunk: the unit of resumption and of shardi
 IDENTITY_KEYS = (
     "model",
     "revision",
+    "weights",
     "modality",
     "layers",
     "pooling",
@@ -71,11 +72,10 @@ class CacheWriter:
                         "or re-run with --on-mismatch rebuild"
                     )
                 log.warning("cache %s is stale (%s differ); rebuilding", self.store, ", ".join(diff))
-                shutil.rmtree(self.store)
-                shutil.rmtree(progress_dir(self.store), ignore_errors=True)
+                _remove(self.store, old)
         if not self.store.exists():
             self.store.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(progress_dir(self.store), ignore_errors=True)
+            _remove_progress(self.store)
             zarr.create_array(
                 store=str(self.store),
                 shape=(n, k, h),
@@ -106,6 +106,30 @@ class CacheWriter:
             rows[0] = 0  # padding row
         self.array[lo:hi] = rows.astype(np.float16)
         (progress_dir(self.store) / str(chunk)).touch()
+
+
+def _remove(store: Path, attrs: dict) -> None:
+    """Delete a stale store, only if iisan made it: a Zarr array with iisan's attributes and nothing else."""
+    expected = {"zarr.json", "c"}
+    if (
+        not {"model", "layers", "input_fingerprint", "code"} <= set(attrs)
+        or not {p.name for p in store.iterdir()} <= expected
+    ):
+        raise CacheMismatchError(f"{store} is not a cache iisan made; refusing to delete it\n"
+                                 f"  fix: move it away, or give the cache another path")  # fmt: skip
+    shutil.rmtree(store)
+    _remove_progress(store)
+
+
+def _remove_progress(store: Path) -> None:
+    """Drop the chunk markers of a store being (re)created (empty files named by chunk number)."""
+    progress = progress_dir(store)
+    if not progress.is_dir():
+        return
+    if any(not p.name.isdigit() or p.is_dir() for p in progress.iterdir()):
+        raise CacheMismatchError(f"{progress} holds files iisan did not write; refusing to delete it\n"
+                                 f"  fix: move it away")  # fmt: skip
+    shutil.rmtree(progress)
 
 
 def _read_attrs(store: Path) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,10 +31,11 @@ def _json_arg(text: str, what: str):
 
 
 def _setup_logging(log_file: str | None, verbose: bool) -> None:
+    """Log to stderr and, if given, append to ``log_file``: a rerun after a kill keeps the killed attempt's log."""
     handlers = [logging.StreamHandler(sys.stderr)]
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, mode="w"))
+        handlers.append(logging.FileHandler(log_file, mode="a"))
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         handlers=handlers,
@@ -244,6 +246,8 @@ def main(argv=None) -> int:
         str(Path(args.out) / "train.log") if args.command == "train" else None
     )  # every run keeps its log
     _setup_logging(log_file, args.verbose)
+    log.info("==== iisan %s %s, attempt started (pid %d): %s", __version__, args.command, os.getpid(),
+             " ".join(sys.argv[1:] if argv is None else argv))  # fmt: skip
     try:
         args.func(args)
     except IisanError as e:

@@ -138,6 +138,7 @@ def prepare(
         "image_source_kind": src.kind if src else None,
         "missing_images": n_missing,
         "text_fingerprint": _sha(*asins, *titles),
+        "sequences_fingerprint": _sha(*(" ".join(map(str, s)) for s in seqs)),
         "image_fingerprint": image_digest.hexdigest() if src else None,
     }
 

@@ -1,8 +1,11 @@
-"""The one device resolver: ``auto`` means CUDA when present, else the CPU."""
+"""The one device resolver (``auto`` means CUDA when present, else the CPU), and
+the switch to deterministic kernels that makes training reproducible."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 
 import torch
 
@@ -18,3 +21,20 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         log.warning("device %s asked for but CUDA is not available; using the CPU", name)
         return torch.device("cpu")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def deterministic():
+    """Deterministic kernels inside the block (the previous setting is restored after).
+
+    Several CPU threads otherwise accumulate the gradient of an index (the item
+    encoder's gather of each slot's embedding) in a different order every run.
+    cuBLAS needs a fixed workspace to be deterministic; ops without a deterministic
+    implementation warn rather than fail."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

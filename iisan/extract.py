@@ -43,6 +43,7 @@ def cache_attrs(data: PreparedData, spec: BackboneSpec, layers_spec, chunk_items
     return {
         "model": spec.model,
         "revision": spec.revision or info.get("commit"),
+        "weights": info["weights"],
         "modality": spec.modality,
         "n_layers": info["n_layers"],
         "layers": select_layers(info["n_layers"], layers_spec),

@@ -8,7 +8,9 @@ a tampered database cannot run code.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import pickle
 from pathlib import Path
 
@@ -50,8 +52,10 @@ class ImageSource:
                 "image folder/LMDB not found",
                 "set `images` to an existing folder of {ASIN}.jpg or an LMDB, or to null for text-only data",
             )
-        self._is_lmdb = (self.path.is_file() and self.path.suffix != "") or (self.path / "data.mdb").is_file()
+        self._is_lmdb = self.path.is_file() or (self.path / "data.mdb").is_file()
         self._env = None
+        if self._is_lmdb:
+            self._lmdb()  # a file that is not an LMDB is refused here, before any work
 
     @property
     def kind(self) -> str:
@@ -61,14 +65,23 @@ class ImageSource:
         if self._env is None:
             import lmdb
 
-            self._env = lmdb.open(str(self.path), subdir=self.path.is_dir(), readonly=True, lock=False, readahead=False)
+            try:
+                self._env = lmdb.open(
+                    str(self.path), subdir=self.path.is_dir(), readonly=True, lock=False, readahead=False
+                )
+            except lmdb.Error as e:
+                raise DataError(
+                    self.path,
+                    f"not an image LMDB ({e.__class__.__name__}: {e})",
+                    "point `images` at a folder of {ASIN}.jpg files or at the authors' LMDB (e.g. am_is.lmdb)",
+                ) from None
         return self._env
 
     def locate(self, asin: str) -> str | None:
         """A key that ``load`` accepts, or None if the image is missing."""
         if self._is_lmdb:
-            with self._lmdb().begin() as txn:
-                return asin if txn.get(asin.encode("ascii")) is not None else None
+            with self._lmdb().begin() as txn:  # keys are UTF-8 bytes (ASCII for Amazon ASINs)
+                return asin if txn.get(asin.encode("utf-8")) is not None else None
         for suf in FOLDER_SUFFIXES:
             p = self.path / f"{asin}{suf}"
             if p.is_file():
@@ -79,7 +92,7 @@ class ImageSource:
         """RGB image for a key from ``locate``; DataError if it cannot be decoded."""
         if self._is_lmdb:
             with self._lmdb().begin() as txn:
-                raw = txn.get(key.encode("ascii"))
+                raw = txn.get(key.encode("utf-8"))
             where = f"{self.path} (key {key})"
             try:
                 rec = _safe_loads(raw)
@@ -102,3 +115,18 @@ class ImageSource:
                 f"image cannot be decoded ({e.__class__.__name__})",
                 "re-download or replace the file, or delete it and set `missing_images: blank`",
             ) from e
+
+
+def listing_fingerprint(path) -> str | None:
+    """A cheap digest of an image folder's or LMDB's listing: each file's name, size and
+    modification time (no decoding). The workflow passes it as a param of ``prepare``,
+    so adding, replacing or removing images reruns preparation and what follows."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    entries = [path] if path.is_file() else sorted(os.scandir(path), key=lambda e: e.name)
+    for e in entries:
+        st = e.stat()
+        h.update(f"{e.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16]

@@ -113,3 +113,25 @@ def is_output(out, kind: str) -> bool:
         return json.loads((Path(out) / MARKER).read_text()).get("kind") == kind
     except (OSError, ValueError):
         return False
+
+
+def claim_folder(out, kind: str, allowed: tuple[str, ...], recognise: Callable[[Path], bool] = lambda p: True) -> Path:
+    """Make ``out`` a folder of ``kind`` that iisan writes into file by file (a run).
+
+    It may be absent, empty, carry this kind's marker, or (made before markers
+    existed) hold only files named in ``allowed`` that ``recognise`` accepts as
+    iisan's; a folder with anything else is refused."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder\n  fix: choose another output folder")
+    if out.is_dir() and not is_output(out, kind):
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in allowed or not recognise(p))
+        if foreign:
+            raise OutputError(
+                f"{out} holds files iisan did not write (e.g. {foreign[:3]}); refusing to write a {kind} into it\n"
+                f"  fix: choose an empty or new output folder"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    if not is_output(out, kind):
+        atomic_json(out / MARKER, {"kind": kind})
+    return out

@@ -4,11 +4,20 @@ The loop never asks which method it trains: the registry (iisan/methods.py)
 says what a method reads, and the model (iisan/model.py) gives the same few
 calls for every one. Cached methods hold every item's selected layers in memory
 (on the accelerator when present); a step encodes only the batch's unique items.
+
+A run folder is consistent at every instant: at the start the previous run's
+outputs go (metrics.json first: its presence means "finished"), and the new
+ones are published at the end (metrics.json last). After every epoch the full
+training state (weights, optimizer, random generators, history) is saved to
+``resume.pt``; a killed or preempted run started again with the same inputs
+and settings continues from its last finished epoch and ends with exactly the
+metrics of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -19,23 +28,28 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from iisan import methods
+from iisan import checkpoint, methods
 from iisan.data import PreparedData
-from iisan.device import resolve_device
+from iisan.device import deterministic, resolve_device
 from iisan.efficiency import PeakMemory, Stopwatch, count_parameters
 from iisan.errors import TrainingError
 from iisan.loss import debiased_in_batch_ce
 from iisan.metrics import hr_ndcg, rank_of_target
 from iisan.model import Recommender, build
-from iisan.outputs import atomic_json, atomic_write
+from iisan.outputs import atomic_json, atomic_write, claim_folder
 from iisan.settings import ModelConfig, TrainConfig, settings
 
 log = logging.getLogger(__name__)
 
+# published at the end, in this order (metrics.json last); removed at the start, metrics.json first
+OUTPUTS = ("model.pt", "gates.json", "ranks.npz", "efficiency.json", "metrics.json")
+RESUME = "resume.pt"  # the training state after the last finished epoch
+LOG = "train.log"
+
 
 @torch.no_grad()
-def evaluate(model: Recommender, inputs, targets, history, batch: int, k: int) -> dict:
-    """HR@k / NDCG@k of ranking every item for each user (history excluded)."""
+def rank_all(model: Recommender, inputs, targets, history, batch: int) -> torch.Tensor:
+    """0-based rank of each user's target among all items (history excluded)."""
     model.eval()
     n1 = model.cfg.n_items + 1
     all_ids = torch.arange(n1, device=inputs.device)
@@ -44,17 +58,47 @@ def evaluate(model: Recommender, inputs, targets, history, batch: int, k: int) -
     for i in range(0, len(inputs), batch):
         u = model.users(inputs[i : i + batch])  # (U, d)
         ranks.append(rank_of_target(u @ items.T, targets[i : i + batch], history[i : i + batch]))
-    return hr_ndcg(torch.cat(ranks), k)
+    return torch.cat(ranks)
 
 
-def _save(path: Path, obj) -> None:
-    atomic_write(path, lambda p: torch.save(obj, p))
+def evaluate(model: Recommender, inputs, targets, history, batch: int, k: int) -> dict:
+    """HR@k / NDCG@k of ranking every item for each user (history excluded)."""
+    return hr_ndcg(rank_all(model, inputs, targets, history, batch), k)
 
 
 def open_sources(mc: ModelConfig, data: PreparedData, device, caches=None, backbones=None, layers=None):
     """What the method's item encoder reads, opened by the registry's builder."""
     method = methods.get(mc.method)
     return methods.load(method.sources)(data, device, method=method, caches=caches, backbones=backbones, layers=layers)
+
+
+def _ours(path: Path) -> bool:
+    """A run file iisan wrote (a metrics.json must be iisan's: a user's file of that name is not)."""
+    if path.name != "metrics.json":
+        return True
+    try:
+        return {"valid", "test", "dataset"} <= set(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _savez(path: Path, arrays: dict) -> None:
+    with path.open("wb") as f:  # a file object: np.savez would append .npz to a bare temporary name
+        np.savez(f, **arrays)
+
+
+def _rng_state(rng: np.random.Generator) -> dict:
+    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(rng: np.random.Generator, state: dict) -> None:
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(
@@ -68,13 +112,22 @@ def train(
     layers: dict | None = None,
     extra_meta: dict | None = None,
 ) -> dict:
-    """Train, early-stop on valid HR@k, and write metrics.json, model.pt,
-    efficiency.json and gates.json into ``out_dir``. Returns the metrics.
+    """Train, early-stop on valid HR@k, and publish model.pt, gates.json, ranks.npz,
+    efficiency.json and metrics.json in ``out_dir``. Returns the metrics.
 
     ``caches``: modality -> Zarr store (cached methods); ``backbones``: modality ->
     BackboneSpec and ``layers``: modality -> layer spec (methods that run backbones)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, "run", allowed=(*OUTPUTS, RESUME, LOG), recognise=_ours)
+    for name in reversed(OUTPUTS):  # metrics.json first: from now on the folder holds no finished run
+        (out / name).unlink(missing_ok=True)
+    with deterministic():
+        metrics = _train(out, data_dir, mc, tc, caches, backbones, layers, extra_meta)
+    (out / RESUME).unlink(missing_ok=True)
+    return metrics
+
+
+def _train(out: Path, data_dir, mc, tc, caches, backbones, layers, extra_meta) -> dict:
     method = methods.get(mc.method)
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
@@ -86,6 +139,8 @@ def train(
     mc = model.cfg  # with the derived fields filled in
     k = tc.metric_k
     log_pop = torch.log(torch.as_tensor(data.popularity, dtype=torch.float32, device=device).clamp_min(1e-12))
+    inputs = {"caches": caches or {}, "backbones": backbones or {}, "layers": layers or {}}
+    run_id = checkpoint.run_identity(mc, tc, data, sources)
 
     groups = model.param_groups(tc)
     opt = torch.optim.Adam(groups, weight_decay=tc.weight_decay) if groups else None
@@ -102,10 +157,20 @@ def train(
         device,
     )
 
-    best = {"valid": None, "epoch": 0, "state": None}
-    history, epoch_seconds = [], []
+    state = {"epoch": 0, "best_valid": None, "best_epoch": 0, "best_state": None, "bad_evals": 0,
+             "history": [], "epoch_seconds": [], "peak_bytes": 0}  # fmt: skip
+    resumed = checkpoint.load_resume(out / RESUME, run_id)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["optimizer"])
+        _set_rng_state(rng, resumed["rng"])
+        state = resumed["state"]
+        log.info("resuming after epoch %d (from %s)", state["epoch"], out / RESUME)
     watch, peak = Stopwatch(device), PeakMemory(device)  # both cover training steps only, not evaluation
-    for epoch in range(1, tc.epochs + 1 if method.trains else 1):
+    peak.peak_bytes = state["peak_bytes"]
+    last = tc.epochs if method.trains else 0
+    first = last + 1 if state.get("stopped") else state["epoch"] + 1  # killed after its early stop: nothing to redo
+    for epoch in range(first, last + 1):
         model.train()
         order = torch.as_tensor(rng.permutation(len(train_seqs)), device=device)
         losses = []
@@ -120,81 +185,76 @@ def train(
                 loss.backward()
                 opt.step()
                 losses.append(loss.detach())
-        epoch_seconds.append(watch.seconds - t_epoch)
-        t_eval = time.perf_counter()
-        valid = evaluate(model, sp["valid_input"], sp["valid_target"], sp["valid_history"], tc.eval_batch_size, k)
+        state["epoch_seconds"].append(watch.seconds - t_epoch)
         mean_loss = torch.stack(losses).mean().item()
         if not math.isfinite(mean_loss):
-            raise TrainingError(f"training loss became {mean_loss} at epoch {epoch}\n  fix: lower `lr` / `lr_san`")
-        hr = valid[f"HR@{k}"]
-        improved = best["valid"] is None or hr > best["valid"][f"HR@{k}"]
-        if improved:
-            best = {"valid": valid, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
-            _save(
-                out / "model.pt",
-                {"state_dict": best["state"], "config": asdict(mc), "train_config": asdict(tc), "epoch": epoch},
+            raise TrainingError(
+                f"the training loss became {mean_loss} in epoch {epoch} (lr={tc.lr}, lr_san={tc.lr_san})\n"
+                "  fix: lower `lr` and `lr_san` in the train settings"
             )
-        history.append(
-            {
-                "epoch": epoch,
-                "loss": mean_loss,
-                **{f"valid_{key}": v for key, v in valid.items()},
-                "train_seconds": epoch_seconds[-1],
-                "eval_seconds": time.perf_counter() - t_eval,
-            }
-        )
-        log.info(
-            "epoch %3d  loss %.4f  valid HR@%d %.4f  NDCG@%d %.4f  %.1fs%s",
-            epoch,
-            mean_loss,
-            k,
-            hr,
-            k,
-            valid[f"NDCG@{k}"],
-            epoch_seconds[-1],
-            "  *" if improved else "",
-        )
-        if epoch - best["epoch"] >= tc.patience:
-            log.info("early stop: no better valid HR@%d for %d epochs", k, tc.patience)
+        entry = {"epoch": epoch, "loss": mean_loss, "train_seconds": state["epoch_seconds"][-1]}
+        if epoch % tc.eval_every == 0 or epoch == last:
+            t_eval = time.perf_counter()
+            valid = evaluate(model, sp["valid_input"], sp["valid_target"], sp["valid_history"], tc.eval_batch_size, k)
+            improved = state["best_valid"] is None or valid[f"HR@{k}"] > state["best_valid"][f"HR@{k}"]
+            if improved:
+                state.update(best_valid=valid, best_epoch=epoch, best_state=copy.deepcopy(model.state_dict()))
+            state["bad_evals"] = 0 if improved else state["bad_evals"] + 1
+            entry.update({f"valid_{key}": v for key, v in valid.items()}, eval_seconds=time.perf_counter() - t_eval)
+            hr, ndcg, mark = valid[f"HR@{k}"], valid[f"NDCG@{k}"], "  *" if improved else ""
+            log.info("epoch %3d  loss %.4f  valid HR@%d %.4f  NDCG@%d %.4f  %.1fs%s", epoch, mean_loss, k, hr, k, ndcg,
+                     entry["train_seconds"], mark)  # fmt: skip
+            if state["bad_evals"] >= tc.patience:
+                log.info("early stop: no better valid HR@%d in %d evaluations", k, tc.patience)
+                state["stopped"] = True
+        else:
+            log.info("epoch %3d  loss %.4f  %.1fs", epoch, mean_loss, entry["train_seconds"])
+        state["history"].append(entry)
+        state["epoch"], state["peak_bytes"] = epoch, peak.peak_bytes
+        checkpoint.save_resume(out / RESUME, run_id, model, opt, _rng_state(rng), state)
+        if state.get("stopped"):
             break
 
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
+    if state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])
     else:  # nothing to fit: evaluate as built
-        best["valid"] = evaluate(
+        state["best_valid"] = evaluate(
             model, sp["valid_input"], sp["valid_target"], sp["valid_history"], tc.eval_batch_size, k
         )
-        _save(
-            out / "model.pt",
-            {"state_dict": model.state_dict(), "config": asdict(mc), "train_config": asdict(tc), "epoch": 0},
-        )
-    test = evaluate(model, sp["test_input"], sp["test_target"], sp["test_history"], tc.eval_batch_size, k)
-    log.info("best epoch %d: valid %s  test %s", best["epoch"], best["valid"], test)
+    valid_ranks = rank_all(model, sp["valid_input"], sp["valid_target"], sp["valid_history"], tc.eval_batch_size)
+    test_ranks = rank_all(model, sp["test_input"], sp["test_target"], sp["test_history"], tc.eval_batch_size)
+    test = hr_ndcg(test_ranks, k)
+    log.info("best epoch %d: valid %s  test %s", state["best_epoch"], state["best_valid"], test)
     metrics = {
-        "valid": best["valid"],
+        "valid": state["best_valid"],
         "test": test,
-        "best_epoch": best["epoch"],
-        "epochs_run": len(history),
+        "best_epoch": state["best_epoch"],
+        "epochs_run": len(state["history"]),
         "seed": tc.seed,
         "metric_k": k,
         "config": settings(mc, tc),
         "model_config": asdict(mc),
         "dataset": data.meta,
-        "history": history,
+        "history": state["history"],
         "caches": sources.identities,
         **(extra_meta or {}),
     }
+    secs = state["epoch_seconds"]
     efficiency = {
         "method": mc.method,
-        "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,
-        "seconds_per_epoch_all": epoch_seconds,
-        "peak_memory_bytes": peak.peak_bytes,
+        "seconds_per_epoch": float(np.mean(secs)) if secs else 0.0,
+        "seconds_per_epoch_all": secs,
+        "peak_memory_bytes": state["peak_bytes"],
         "peak_memory_kind": peak.kind,
         "device": str(device),
         "batch_size": tc.batch_size,
         **params,
     }
+    ckpt = checkpoint.payload(model, tc, data, sources, inputs, state["best_epoch"])
+    atomic_write(out / "model.pt", lambda p: torch.save(ckpt, p))
     atomic_json(out / "gates.json", model.diagnostics())
+    ranks = {"valid": valid_ranks.cpu().numpy().astype(np.int32), "test": test_ranks.cpu().numpy().astype(np.int32)}
+    atomic_write(out / "ranks.npz", lambda p: _savez(p, ranks))
     atomic_json(out / "efficiency.json", efficiency)
     atomic_json(out / "metrics.json", metrics)  # last: its presence means the run finished
     return metrics

@@ -177,3 +177,17 @@ def test_a_generated_dataset_may_have_any_name(demo_run):
     snakemake(wd, "--cores", "1", "results/toy/data", overlays=[ov])
     meta = json.loads((wd / "results/toy/data/meta.json").read_text())
     assert meta["sources"]["items"] == "results/toy/raw/toy_items.tsv" and meta["n_items"] > 0
+
+
+def test_changing_a_users_image_folder_reruns_preparation_and_image_extraction(demo_run):
+    wd, _ = demo_run
+    shutil.copytree(wd / "results/demo/raw", wd / "mydata")
+    mine = {"items": "mydata/demo_items.tsv", "users": "mydata/am_demo_users.tsv", "images": "mydata/images"}
+    ov = overlay(wd, "mine.yaml", {"datasets": {"mine": mine}})
+    target = "results/mine/cache/tiny-vit/evenhalf.done"
+    snakemake(wd, "--cores", "2", target, overlays=[ov])
+    assert job_counts(snakemake(wd, "-n", "--cores", "1", target, overlays=[ov])) == {}
+    images = sorted((wd / "mydata/images").iterdir())
+    shutil.copy(images[1], images[0])  # the user replaces one picture
+    counts = job_counts(snakemake(wd, "-n", "--cores", "1", target, overlays=[ov]))
+    assert counts == {"prepare": 1, "extract_shard": 1, "cache_verify": 1}

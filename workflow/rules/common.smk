@@ -7,6 +7,7 @@ from pathlib import Path
 
 from iisan import methods
 from iisan.config import PIPELINE_ONLY, merged_settings
+from iisan.images import listing_fingerprint
 from iisan.layerdrop import spec_tag
 from iisan.provenance import code_hash
 
@@ -41,6 +42,12 @@ def get_prepare_settings(wildcards):
 def images_flag(wildcards):
     images = raw_files(wildcards.ds)["images"]
     return f"--images {shlex.quote(images)}" if images else ""
+
+
+def get_images_listing(wildcards):
+    """A user's image folder is not a job output, so Snakemake sees changes to it through this param."""
+    d = config["datasets"][wildcards.ds]
+    return listing_fingerprint(d["images"]) if "synth" not in d and d["images"] else None
 
 
 def backbone_json(name):

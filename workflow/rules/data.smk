@@ -24,6 +24,7 @@ rule prepare:
         directory("results/{ds}/data"),
     params:
         images=images_flag,
+        listing=get_images_listing,
         ds=get_prepare_settings,
         code=code_hash("prepare"),
     conda:
