@@ -19,7 +19,8 @@ import torch
 
 from iisan import __version__
 from iisan.data import PreparedData
-from iisan.outputs import atomic_write
+from iisan.errors import CacheMismatchError, CheckpointError
+from iisan.outputs import atomic_file
 from iisan.provenance import code_hash
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def run_identity(mc, tc, data: PreparedData, sources) -> str:
 def save_resume(path: Path, run_id: str, model, opt, rng: dict, state: dict) -> None:
     blob = {"run": run_id, "model": model.state_dict(), "optimizer": opt.state_dict() if opt else None,
             "rng": rng, "state": state}  # fmt: skip
-    atomic_write(path, lambda p: torch.save(blob, p))
+    atomic_file(path, lambda f: torch.save(blob, f))
 
 
 def load_resume(path: Path, run_id: str) -> dict | None:
@@ -84,3 +85,67 @@ def payload(model, tc, data: PreparedData, sources, inputs: dict, epoch: int) ->
         "items": data.asins[1:],
         "code": code_hash("train", model.cfg.method),
     }
+
+
+def resolve_run(path) -> Path:
+    """A run folder; for an experiment of several runs, the run its metrics.json selects
+    (the best seed on validation HR@k of the selected grid point)."""
+    path = Path(path)
+    metrics = path / "metrics.json"
+    if metrics.is_file():
+        m = json.loads(metrics.read_text())
+        if m.get("aggregate"):
+            k = m["metric_k"]
+            best = max(m["per_seed"], key=lambda s: s["valid"][f"HR@{k}"])
+            return path / best["run"]
+    return path
+
+
+def load_run(run_dir, *, data_dir=None, caches: dict | None = None, device="cpu"):
+    """Rebuild a trained recommender from its folder alone: ``(model, data, checkpoint)``.
+
+    ``data_dir`` and ``caches`` (modality -> store) default to where the run read
+    them; whatever is used must have the identities the checkpoint recorded."""
+    from iisan import methods
+    from iisan.device import resolve_device
+    from iisan.model import Recommender
+    from iisan.settings import model_config_from_dict
+
+    run = resolve_run(run_dir)
+    path = run / "model.pt"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{run} holds no trained model (no model.pt)\n"
+            "  fix: train it first (`iisan train` or snakemake), or give the run's folder"
+        )
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} was written by iisan {ckpt.get('iisan', '< 0.2')} in another format\n"
+                              f"  fix: retrain the run with this iisan")  # fmt: skip
+    data = PreparedData.load(data_dir or ckpt["dataset"]["root"])
+    got = data_identity(data)
+    want = {k: ckpt["dataset"].get(k) for k in got}
+    if got != want or data.asins[1:] != ckpt["items"]:
+        diff = sorted(k for k in got if got[k] != want[k]) or ["the item table"]
+        raise CheckpointError(f"{path} was trained on another dataset than {data.root} ({', '.join(diff)} differ)\n"
+                              f"  fix: give the prepared dataset the run was trained on (--data)")  # fmt: skip
+    inputs = ckpt["inputs"]
+    caches = {**inputs["caches"], **(caches or {})}
+    cfg = model_config_from_dict(ckpt["config"])
+    method = methods.get(cfg.method)
+    device = resolve_device(device)
+    sources = methods.load(method.sources)(data, device, method=method, caches=caches, backbones=inputs["backbones"],
+                                           layers=inputs["layers"])  # fmt: skip
+    for modality, want_id in ckpt["identities"].items():
+        got_id = sources.identities.get(modality, {})
+        diff = sorted(k for k in set(want_id) | set(got_id) if k != "store" and got_id.get(k) != want_id.get(k))
+        if diff:
+            raise CacheMismatchError(
+                f"the {modality} input of {run} is not the one it was trained on ({', '.join(diff)} differ)\n"
+                "  fix: give the cache or backbone the run was trained with"
+            )
+    model = Recommender(dataclasses.replace(cfg, peft=dict(cfg.peft)), sources).to(device)
+    if dataclasses.asdict(model.cfg) != ckpt["config"]:
+        raise CheckpointError(f"{path}: the inputs give a model of another shape than the checkpoint's")
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), data, ckpt

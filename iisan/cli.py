@@ -129,38 +129,95 @@ def cmd_cache_info(a):
 
 
 def cmd_train(a):
-    from iisan.backbones import BackboneSpec
-    from iisan.settings import from_settings
     from iisan.train import train
+
+    mc, tc = _settings(a)
+    m = train(a.data, a.out, mc, tc, **_item_args(a), extra_meta={"experiment": a.name} if a.name else None)
+    print(json.dumps({"valid": m["valid"], "test": m["test"], "best_epoch": m["best_epoch"]}))
+
+
+def _item_args(a) -> dict:
+    """--{text,image}-cache / -backbone / -layers -> the caches, backbones and layers a run reads."""
+    from iisan.backbones import BackboneSpec
+
+    given = {
+        (m, kind): getattr(a, f"{m}_{kind}") for m in ("text", "image") for kind in ("cache", "backbone", "layers")
+    }
+    return {
+        "caches": {m: v for (m, kind), v in given.items() if kind == "cache" and v},
+        "backbones": {
+            m: BackboneSpec.from_config(_json_arg(v, f"{m}-backbone"))
+            for (m, kind), v in given.items()
+            if kind == "backbone" and v
+        },
+        "layers": {m: _json_arg(v, f"{m}-layers") for (m, kind), v in given.items() if kind == "layers" and v},
+    }
+
+
+def _settings(a):
+    from iisan.settings import from_settings
 
     settings = _json_arg(a.settings, "settings") if a.settings else {}
     if not isinstance(settings, dict):
         raise ConfigError(f"--settings: expected a JSON object, got {type(settings).__name__}")
-    mc, tc = from_settings(settings)
-    backbones = {
-        m: BackboneSpec.from_config(_json_arg(v, f"{m}-backbone"))
-        for m, v in (("text", a.text_backbone), ("image", a.image_backbone))
-        if v
-    }
-    layers = {m: _json_arg(v, f"{m}-layers") for m, v in (("text", a.text_layers), ("image", a.image_layers)) if v}
+    return from_settings(settings)
+
+
+def cmd_aggregate(a):
+    from iisan.aggregate import aggregate
+
+    runs = _json_arg(a.runs, "runs")
+    m = aggregate(runs, a.out)
+    print(json.dumps({"selected": m["selected_point"], "valid": m["valid"], "test": m["test"], "sd": m["sd"]}))
+
+
+def cmd_profile(a):
+    from iisan.outputs import atomic_json
+    from iisan.profiling import profile
+
+    mc, tc = _settings(a)
+    result = profile(a.data, mc, tc, a.batch_size, a.steps, **_item_args(a))
+    atomic_json(a.out, result)
+
+
+def _run_args(a) -> dict:
     caches = {m: v for m, v in (("text", a.text_cache), ("image", a.image_cache)) if v}
-    m = train(
-        a.data,
-        a.out,
-        mc,
-        tc,
-        caches=caches,
-        backbones=backbones,
-        layers=layers,
-        extra_meta={"experiment": a.name} if a.name else None,
-    )
-    print(json.dumps({"valid": m["valid"], "test": m["test"], "best_epoch": m["best_epoch"]}))
+    return {"data_dir": a.data, "caches": caches, "device": a.device}
+
+
+def cmd_recommend(a):
+    from iisan.recommend import recommend, write_table
+
+    frame = recommend(a.run, k=a.k, which=a.users, histories=a.histories, keep_history=a.keep_history,
+                      **_run_args(a))  # fmt: skip
+    for out in a.out:
+        write_table(frame, out)
+    log.info("top-%d for %d users -> %s", a.k, frame["user"].nunique(), ", ".join(a.out))
+
+
+def cmd_embed(a):
+    from iisan.recommend import export_embeddings
+
+    written = export_embeddings(a.run, a.out, which=a.users, histories=a.histories, **_run_args(a))
+    print(json.dumps(written))
 
 
 def cmd_report(a):
-    from iisan.report import build_report
+    from iisan.report import build_profile_report, build_report
 
-    build_report(a.results, a.out, experiments=_json_arg(a.experiments, "experiments") if a.experiments else None)
+    experiments = _json_arg(a.experiments, "experiments") if a.experiments else None
+    if a.profiles:
+        labels = {e: d.get("label", e) for exps in (experiments or {}).values() for e, d in exps.items()}
+        build_profile_report(_json_arg(a.profiles, "profiles"), a.out, labels)
+    else:
+        build_report(a.results, a.out, experiments=experiments)
+
+
+def _add_item_args(s) -> None:
+    for m in ("text", "image"):
+        s.add_argument(f"--{m}-cache", help=f"{m} Zarr cache, for methods that read caches")
+        s.add_argument(f"--{m}-backbone", help="backbone spec JSON, for methods that run backbones in the loop")
+        s.add_argument(f"--{m}-layers", help="layer selection JSON, for uncached IISAN")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,20 +278,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train and evaluate from caches; writes metrics.json and friends")
     s.add_argument("--data", required=True)
-    s.add_argument("--text-cache")
-    s.add_argument("--image-cache")
-    s.add_argument("--text-backbone", help="backbone spec JSON, for methods that run backbones in the loop")
-    s.add_argument("--image-backbone", help="backbone spec JSON, for methods that run backbones in the loop")
-    s.add_argument("--text-layers", help="layer selection JSON for uncached IISAN")
-    s.add_argument("--image-layers", help="layer selection JSON for uncached IISAN")
+    _add_item_args(s)
     s.add_argument("--settings", help="training settings as JSON (inline or @file)")
     s.add_argument("--name", help="experiment name recorded in metrics.json")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_train)
 
+    s = sub.add_parser("aggregate", help="an experiment's runs (seeds x grid points) -> its metrics.json")
+    s.add_argument(
+        "--runs", required=True, help='JSON (inline or @file): [{"dir": run folder, "point": {...}, "seed": n}]'
+    )
+    s.add_argument("--out", required=True, help="the experiment folder")
+    s.set_defaults(func=cmd_aggregate)
+
+    s = sub.add_parser("profile", help="time and peak memory of training steps at one batch size (Figure 5)")
+    s.add_argument("--data", required=True)
+    _add_item_args(s)
+    s.add_argument("--settings", help="training settings as JSON (inline or @file)")
+    s.add_argument("--batch-size", type=int, required=True)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--out", required=True, help="JSON file to write")
+    s.set_defaults(func=cmd_profile)
+
+    use = {"recommend": "top-K items per user from a trained run (TSV and/or Parquet)",
+           "embed": "item (and user) embeddings of a trained run, for a nearest-neighbour index"}  # fmt: skip
+    for name, help_ in use.items():
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--run", required=True, help="a run folder (or an experiment folder: its selected run)")
+        users = "test (as at test time), next (after each whole sequence), or a file of user ids"
+        s.add_argument("--users", default="test" if name == "recommend" else None, help=users)
+        s.add_argument("--histories", help="TSV of new users: name<TAB>ASIN ASIN ... (oldest first)")
+        s.add_argument("--data", help="the prepared dataset (default: the one the run was trained on)")
+        s.add_argument("--text-cache", help="the text cache, if it moved since training")
+        s.add_argument("--image-cache", help="the image cache, if it moved since training")
+        s.add_argument("--device", default="cpu")
+        if name == "recommend":
+            s.add_argument("--k", type=int, default=10)
+            s.add_argument("--keep-history", action="store_true", help="also recommend items already in the history")
+            s.add_argument("--out", nargs="+", required=True, help="*.tsv and/or *.parquet")
+            s.set_defaults(func=cmd_recommend)
+        else:
+            s.add_argument("--out", required=True, help="folder for items.npy/.tsv (and users.npy/.tsv)")
+            s.set_defaults(func=cmd_embed)
+
     s = sub.add_parser("report", help="collect metrics/efficiency into tables and plots")
     s.add_argument("--results", required=True, help="results/{dataset} folders' parent, e.g. results/")
-    s.add_argument("--experiments", help="JSON: {experiment: {group, label, ...}} to order and label rows")
+    s.add_argument("--experiments", help="JSON: {dataset: {experiment: {group, label, ...}}} to order and label rows")
+    s.add_argument("--profiles", help="JSON list of `iisan profile` outputs: a time-and-memory-by-batch-size report")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_report)
     return p

@@ -16,6 +16,7 @@ from pathlib import Path
 from iisan.errors import ConfigError, ConfigValidationError
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+RESERVED = ("cache", "data", "raw", "captions")  # folders in results/{dataset}/ that are not experiments
 PIPELINE_ONLY = ("tiny", "shards", "params_b")  # backbone keys for the workflow, not for iisan.backbones.BackboneSpec
 
 
@@ -124,6 +125,10 @@ def _cross_check(config: dict) -> None:
     from iisan.methods import METHODS
 
     for name, exp in config["experiments"].items():
+        if name in RESERVED:
+            raise ConfigError(
+                f"experiments.{name}: {RESERVED} name folders of a dataset; call the experiment otherwise"
+            )
         method = METHODS[exp["method"]]
         for tower in ("text", "image"):
             if tower not in exp:
@@ -149,10 +154,19 @@ def _cross_check(config: dict) -> None:
         for key in ("items", "users"):
             if "synth" in d and key in d:
                 raise ConfigError(f"datasets.{ds}: give `synth` or `items`/`users`, not both")
-    # the effective train settings of every (dataset, experiment) must be valid together
+    # the effective train settings of every run must be valid together
+    from iisan.runs import experiment_runs
+
+    train_keys = sorted(_schema()["$defs"]["train"]["properties"])
+    for name, exp in config["experiments"].items():
+        for key in exp.get("grid", {}):
+            if key not in train_keys:
+                raise ConfigError(f"experiments.{name}.grid: {key!r} is not a train setting; known: {train_keys}")
     for ds in config["datasets"]:
         for name in config["experiments"]:
-            check_settings(merged_settings(config, ds, name), f"datasets.{ds}.train + experiments.{name}.train")
+            for run in experiment_runs(config, ds, name):
+                where = f"datasets.{ds}.train + experiments.{name}" + (f" (run {run.name})" if run.name else ".train")
+                check_settings(run.settings, where)
 
 
 def merged_settings(config: dict, ds: str, exp: str) -> dict:

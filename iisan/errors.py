@@ -49,3 +49,8 @@ class OutputError(IisanError):
 class TrainingError(IisanError):
     """Raised when training cannot go on: the loss diverged (NaN or infinite),
     or a checkpoint to resume from does not belong to this run."""
+
+
+class CheckpointError(IisanError):
+    """Raised when a run folder has no usable checkpoint, or its checkpoint does not
+    belong to the dataset or inputs it is asked to work with."""

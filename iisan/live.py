@@ -48,7 +48,8 @@ class LiveFeatures:
 
 
 def _specs(backbones: dict | None) -> dict[str, BackboneSpec]:
-    specs = {m: s for m, s in (backbones or {}).items() if s is not None}
+    """modality -> BackboneSpec (given as one, or as the dict a checkpoint saved)."""
+    specs = {m: BackboneSpec(**s) if isinstance(s, dict) else s for m, s in (backbones or {}).items() if s is not None}
     if not specs:
         raise ConfigError("this method runs backbones in the loop: give --text-backbone and/or --image-backbone")
     return specs

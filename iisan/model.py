@@ -100,6 +100,13 @@ class Recommender(nn.Module):
     def diagnostics(self) -> dict:
         return self.items.diagnostics()
 
+    @classmethod
+    def from_checkpoint(cls, run_dir, **kw) -> Recommender:
+        """The trained model of a run folder, rebuilt from its model.pt alone (see iisan.checkpoint.load_run)."""
+        from iisan.checkpoint import load_run
+
+        return load_run(run_dir, **kw)[0]
+
 
 def build(cfg: ModelConfig, sources: ItemSources) -> Recommender:
     """The model for ``cfg.method`` over ``sources`` (``cfg`` is copied, then its

@@ -38,6 +38,17 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def atomic_file(path, write: Callable) -> Path:
+    """``write(f)`` writes into an open binary file that then replaces ``path`` (for np.save,
+    np.savez and torch.save, which would otherwise rename a path without their suffix)."""
+
+    def opened(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            write(f)
+
+    return atomic_write(path, opened)
+
+
 def atomic_text(path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 

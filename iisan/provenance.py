@@ -24,6 +24,9 @@ STAGES = {
     "backbones": ("iisan.tiny",),
     "extract": ("iisan.extract",),
     "train": ("iisan.train",),
+    "aggregate": ("iisan.aggregate",),
+    "profile": ("iisan.profiling",),
+    "recommend": ("iisan.recommend",),
     "report": ("iisan.report",),
 }
 

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from iisan.errors import TrainingError
 from iisan.loss import debiased_in_batch_ce
 from iisan.metrics import hr_ndcg, rank_of_target
 from iisan.model import Recommender, build
-from iisan.outputs import atomic_json, atomic_write, claim_folder
+from iisan.outputs import atomic_file, atomic_json, claim_folder
 from iisan.settings import ModelConfig, TrainConfig, settings
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,6 @@ def _ours(path: Path) -> bool:
         return False
 
 
-def _savez(path: Path, arrays: dict) -> None:
-    with path.open("wb") as f:  # a file object: np.savez would append .npz to a bare temporary name
-        np.savez(f, **arrays)
-
-
 def _rng_state(rng: np.random.Generator) -> dict:
     state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -127,35 +122,59 @@ def train(
     return metrics
 
 
-def _train(out: Path, data_dir, mc, tc, caches, backbones, layers, extra_meta) -> dict:
-    method = methods.get(mc.method)
+@dataclass
+class Session:
+    """Everything a training loop needs, built once (also timed by iisan.profiling)."""
+
+    device: torch.device
+    data: PreparedData
+    splits: dict  # the leave-one-out arrays as tensors on the device
+    sources: object  # model.ItemSources
+    model: Recommender
+    opt: torch.optim.Optimizer | None  # None: nothing to fit
+    log_pop: torch.Tensor  # (N+1,) log popularity, for the debiased loss
+    train_seqs: torch.Tensor  # (U, L+1) users with at least one (input, target) pair
+
+
+def setup(data_dir, mc: ModelConfig, tc: TrainConfig, caches=None, backbones=None, layers=None) -> Session:
+    """Seed, load the data and the method's inputs, build the model and its optimizer."""
     torch.manual_seed(tc.seed)
-    rng = np.random.default_rng(tc.seed)
     device = resolve_device(tc.device)
     data = PreparedData.load(data_dir)
     sp = {k: torch.as_tensor(v, device=device) for k, v in data.splits.items()}
     sources = open_sources(mc, data, device, caches, backbones, layers)
     model = build(mc, sources).to(device)
-    mc = model.cfg  # with the derived fields filled in
-    k = tc.metric_k
-    log_pop = torch.log(torch.as_tensor(data.popularity, dtype=torch.float32, device=device).clamp_min(1e-12))
-    inputs = {"caches": caches or {}, "backbones": backbones or {}, "layers": layers or {}}
-    run_id = checkpoint.run_identity(mc, tc, data, sources)
-
     groups = model.param_groups(tc)
     opt = torch.optim.Adam(groups, weight_decay=tc.weight_decay) if groups else None
-    train_seqs = sp["train"]
-    train_seqs = train_seqs[(train_seqs != 0).sum(1) >= 2]  # at least one (input, target) pair
-    n_batches = math.ceil(len(train_seqs) / tc.batch_size)
+    log_pop = torch.log(torch.as_tensor(data.popularity, dtype=torch.float32, device=device).clamp_min(1e-12))
+    train_seqs = sp["train"][(sp["train"] != 0).sum(1) >= 2]
+    return Session(device, data, sp, sources, model, opt, log_pop, train_seqs)
+
+
+def step(s: Session, seqs: torch.Tensor) -> torch.Tensor:
+    """One optimisation step on a batch of sequences (B, L+1); returns the loss."""
+    slots = s.model.embed_slots(seqs)  # (B, L+1, d)
+    user = s.model.seq(slots[:, :-1], seqs[:, :-1] != 0)  # (B, L, d)
+    loss = debiased_in_batch_ce(user, slots, seqs, s.log_pop)
+    s.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    s.opt.step()
+    return loss.detach()
+
+
+def _train(out: Path, data_dir, mc, tc, caches, backbones, layers, extra_meta) -> dict:
+    method = methods.get(mc.method)
+    s = setup(data_dir, mc, tc, caches, backbones, layers)
+    rng = np.random.default_rng(tc.seed)
+    device, data, sp, sources, model, opt = s.device, s.data, s.splits, s.sources, s.model, s.opt
+    mc = model.cfg  # with the derived fields filled in
+    k = tc.metric_k
+    inputs = {"caches": caches or {}, "backbones": backbones or {}, "layers": layers or {}}
+    run_id = checkpoint.run_identity(mc, tc, data, sources)
+    n_batches = math.ceil(len(s.train_seqs) / tc.batch_size)
     params = count_parameters(model, *sources.frozen_modules())
-    log.info(
-        "%s: %d users, %d items, %s trainable parameters, device %s",
-        mc.method,
-        len(train_seqs),
-        data.n_items,
-        f"{params['trainable_parameters']:,}",
-        device,
-    )
+    log.info("%s: %d users, %d items, %s trainable parameters, device %s", mc.method, len(s.train_seqs), data.n_items,
+             f"{params['trainable_parameters']:,}", device)  # fmt: skip
 
     state = {"epoch": 0, "best_valid": None, "best_epoch": 0, "best_state": None, "bad_evals": 0,
              "history": [], "epoch_seconds": [], "peak_bytes": 0}  # fmt: skip
@@ -172,19 +191,12 @@ def _train(out: Path, data_dir, mc, tc, caches, backbones, layers, extra_meta) -
     first = last + 1 if state.get("stopped") else state["epoch"] + 1  # killed after its early stop: nothing to redo
     for epoch in range(first, last + 1):
         model.train()
-        order = torch.as_tensor(rng.permutation(len(train_seqs)), device=device)
+        order = torch.as_tensor(rng.permutation(len(s.train_seqs)), device=device)
         losses = []
         t_epoch = watch.seconds
         with peak, watch:
             for b in tqdm(range(n_batches), desc=f"epoch {epoch}", unit="batch", leave=False, disable=None):
-                seqs = train_seqs[order[b * tc.batch_size : (b + 1) * tc.batch_size]]  # (B, L+1)
-                slots = model.embed_slots(seqs)  # (B, L+1, d)
-                user = model.seq(slots[:, :-1], seqs[:, :-1] != 0)  # (B, L, d)
-                loss = debiased_in_batch_ce(user, slots, seqs, log_pop)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.detach())
+                losses.append(step(s, s.train_seqs[order[b * tc.batch_size : (b + 1) * tc.batch_size]]))
         state["epoch_seconds"].append(watch.seconds - t_epoch)
         mean_loss = torch.stack(losses).mean().item()
         if not math.isfinite(mean_loss):
@@ -251,10 +263,10 @@ def _train(out: Path, data_dir, mc, tc, caches, backbones, layers, extra_meta) -
         **params,
     }
     ckpt = checkpoint.payload(model, tc, data, sources, inputs, state["best_epoch"])
-    atomic_write(out / "model.pt", lambda p: torch.save(ckpt, p))
+    atomic_file(out / "model.pt", lambda f: torch.save(ckpt, f))
     atomic_json(out / "gates.json", model.diagnostics())
     ranks = {"valid": valid_ranks.cpu().numpy().astype(np.int32), "test": test_ranks.cpu().numpy().astype(np.int32)}
-    atomic_write(out / "ranks.npz", lambda p: _savez(p, ranks))
+    atomic_file(out / "ranks.npz", lambda f: np.savez(f, **ranks))
     atomic_json(out / "efficiency.json", efficiency)
     atomic_json(out / "metrics.json", metrics)  # last: its presence means the run finished
     return metrics

@@ -60,6 +60,23 @@ def fit(data_dir, out, caches=None, backbones=None, **settings):
     return train(data_dir, out, *from_settings(settings), caches=caches, backbones=backbones)
 
 
+def merged_config(*overlays) -> dict:
+    """config.yaml with scenario files over it, merged as Snakemake merges --configfile (recursively)."""
+    import yaml
+
+    def merge(base, over):
+        for key, value in over.items():
+            base[key] = (
+                merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+            )
+        return base
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    for path in overlays:
+        merge(config, yaml.safe_load(Path(path).read_text()))
+    return config
+
+
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -18,7 +18,7 @@ from iisan.peft_baselines import PEFTConfig
 from iisan.provenance import closure, stage_modules
 from iisan.settings import ModelConfig, TrainConfig, from_settings, setting_names
 
-from conftest import REPO
+from conftest import REPO, merged_config
 
 
 def test_method_names_are_listed_only_in_the_registry():
@@ -91,10 +91,7 @@ def config():
 def test_the_shipped_config_and_scenarios_validate(config):
     validate(copy.deepcopy(config))
     for scenario in sorted((REPO / ".test").glob("*/config.yaml")):
-        merged = copy.deepcopy(config)
-        for key, value in yaml.safe_load(scenario.read_text()).items():
-            merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
-        validate(merged)
+        validate(merged_config(scenario))
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,14 @@ from conftest import fit, read_json, write
 
 
 def iisan(*args, cwd=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "iisan", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env=dict(os.environ, TQDM_DISABLE="1"))  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "iisan", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env=dict(os.environ, TQDM_DISABLE="1"),
+    )
 
 
 def _raw(tmp_path, n=6, users="u\t{seq}\n"):
@@ -112,8 +118,14 @@ def test_control_characters_in_titles_are_cleaned_so_prepare_reads_back(tmp_path
     users = write(tmp_path / "users.tsv", "u\tA0 A1 A2 A3 A4 A5\n")
     prepare(items, users, tmp_path / "out")
     d = PreparedData.load(tmp_path / "out")
-    assert d.n_items == 6 and d.titles[1:] == ["line break", "tab here?", "vertical tab", "sep arator", "nul\ufffdchar",
-                                               "bell"]  # fmt: skip
+    assert d.n_items == 6 and d.titles[1:] == [
+        "line break",
+        "tab here?",
+        "vertical tab",
+        "sep arator",
+        "nul\ufffdchar",
+        "bell",
+    ]
 
 
 def test_a_user_listed_twice_is_an_error_naming_both_lines(tmp_path):
@@ -168,8 +180,9 @@ def test_a_non_ascii_asin_with_an_lmdb_is_looked_up_not_crashed_on(tmp_path):
         ('{"epochs": 1, "lr": 1e30, "lr_san": 1e30}', "the training loss became nan in epoch 1"),
     ],
 )
-def test_train_rejects_bad_settings_and_a_diverging_loss_without_a_traceback(small_demo, caches, tmp_path, settings,
-                                                                            needle):  # fmt: skip
+def test_train_rejects_bad_settings_and_a_diverging_loss_without_a_traceback(
+    small_demo, caches, tmp_path, settings, needle
+):
     _, data_dir = small_demo
     r = iisan("train", "--data", data_dir, "--text-cache", caches["text"], "--settings", settings, "--out", tmp_path)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -241,8 +254,22 @@ def test_same_seed_same_bytes_with_several_threads(small_demo, caches, tmp_path)
 
 def _train_cli(data_dir, caches, out, seed):
     settings = json.dumps({**QUICK, "epochs": 6, "patience": 6, "seed": seed})
-    return [sys.executable, "-m", "iisan", "train", "--data", str(data_dir), "--text-cache", str(caches["text"]),
-            "--image-cache", str(caches["image"]), "--settings", settings, "--out", str(out)]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "iisan",
+        "train",
+        "--data",
+        str(data_dir),
+        "--text-cache",
+        str(caches["text"]),
+        "--image-cache",
+        str(caches["image"]),
+        "--settings",
+        settings,
+        "--out",
+        str(out),
+    ]
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_metrics_and_never_mixes_outputs(small_demo, caches, tmp_path):
@@ -253,8 +280,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_metrics_and_never_mixes_outpu
     old = read_json(run / "metrics.json")
     # a new run into the same folder, killed after its second epoch
     seen = len((run / "train.log").read_text())
-    p = subprocess.Popen(_train_cli(data_dir, caches, run, seed=2), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+    p = subprocess.Popen(
+        _train_cli(data_dir, caches, run, seed=2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     deadline = time.time() + 240
     while time.time() < deadline and "epoch   2" not in (run / "train.log").read_text()[seen:]:
         time.sleep(0.02)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, merged_config
 
 pytestmark = pytest.mark.slow
 
@@ -63,11 +63,25 @@ def demo_run(tmp_path_factory):
     return wd, out
 
 
+@pytest.fixture(scope="module")
+def scenario():
+    """The demo-small config as Snakemake sees it: config.yaml with the scenario over it."""
+    from iisan.config import validate
+
+    return validate(merged_config(REPO / SCENARIO))
+
+
+def runs_of(scenario, exp):
+    from iisan.runs import experiment_runs
+
+    return experiment_runs(scenario, "demo", exp)
+
+
 def metric(wd, exp):
     return json.loads((wd / "results/demo" / exp / "metrics.json").read_text())["test"]["HR@10"]
 
 
-def test_demo_dag_produces_report_tables_and_plots(demo_run):
+def test_demo_dag_produces_report_tables_and_plots(demo_run, scenario):
     wd, _ = demo_run
     rep = wd / "results/report/demo"
     for f in (
@@ -78,9 +92,12 @@ def test_demo_dag_produces_report_tables_and_plots(demo_run):
         "efficiency.md",
         "efficiency.csv",
         "storage.md",
+        "grid.csv",
         "hr_by_text_encoder.png",
         "time_memory_by_method.png",
         "cache_storage.png",
+        "training_curves.png",
+        "gates.png",
     ):
         assert (rep / f).is_file() and (rep / f).stat().st_size > 0, f
     assert "IISAN-VS (tiny BERT+ViT)" in (rep / "main.md").read_text()
@@ -88,8 +105,24 @@ def test_demo_dag_produces_report_tables_and_plots(demo_run):
     for exp in TARGET:
         for f in ("metrics.json", "efficiency.json"):
             assert (wd / "results/demo" / exp / f).is_file()
-        assert (wd / "results/logs/demo" / exp / "train.log").is_file()
-        assert (wd / "results/benchmarks/demo" / exp / "train.tsv").is_file()
+        for run in runs_of(scenario, exp):
+            assert (wd / "results/demo" / exp / run.name / "ranks.npz").is_file()
+            assert (wd / "results/logs/demo" / exp / run.name / "train.log").is_file()
+            assert (wd / "results/benchmarks/demo" / exp / run.name / "train.tsv").is_file()
+
+
+def test_seeds_are_aggregated_and_the_grid_selected_on_validation(demo_run, scenario):
+    wd, _ = demo_run
+    m = json.loads((wd / "results/demo/vs_tiny/metrics.json").read_text())
+    assert m["seeds"] == [1, 2] and len(m["per_seed"]) == 2 and m["per_seed"][0]["test"] != m["per_seed"][1]["test"]
+    assert m["test"]["HR@10"] == pytest.approx(sum(s["test"]["HR@10"] for s in m["per_seed"]) / 2)
+    g = json.loads((wd / "results/demo/text_only_tiny/metrics.json").read_text())
+    assert [p["point"] for p in g["grid"]] == [{"lr": 0.001}, {"lr": 0.002}]
+    chosen = max(g["grid"], key=lambda p: p["valid"]["HR@10"])
+    assert g["selected_point"] == chosen["point"] and g["test"] == chosen["test"]
+    main = (wd / "results/report/demo/main.md").read_text()
+    assert " ± " in main and "* |" in main  # mean ± sd, and the best of the table marked significant
+    assert len((wd / "results/report/demo/grid.csv").read_text().splitlines()) == 3
 
 
 def test_demo_quality_orderings(demo_run):
@@ -109,20 +142,28 @@ def test_nothing_reruns_without_a_change(demo_run):
     assert job_counts(snakemake(wd, "-n", "--cores", "1")) == {}
 
 
-def test_training_setting_reruns_training_and_report_only(demo_run):
+def test_training_setting_reruns_training_and_report_only(demo_run, scenario):
     wd, _ = demo_run
-    ov = overlay(wd, "lr.yaml", {"datasets": {"demo": {"train": {"lr": 1.0e-3}}}})
+    ov = overlay(wd, "lr.yaml", {"datasets": {"demo": {"train": {"lr_san": 1.0e-3}}}})
     counts = job_counts(snakemake(wd, "-n", "--cores", "1", overlays=[ov]))
-    assert counts == {"train": len(TARGET), "report": 1, "all": 1}
+    n_runs = sum(len(runs_of(scenario, e)) for e in TARGET)
+    assert counts == {"train_run": n_runs, "aggregate": len(TARGET), "report": 1, "all": 1}
 
 
-def test_layer_selection_reruns_that_extraction_and_its_dependants(demo_run):
+def test_layer_selection_reruns_that_extraction_and_its_dependants(demo_run, scenario):
     wd, _ = demo_run
     ov = overlay(
         wd, "layers.yaml", {"experiments": {"vs_tiny": {"text": {"backbone": "tiny-bert", "layers": {"n": 3}}}}}
     )
     out = snakemake(wd, "-n", "--cores", "1", overlays=[ov])
-    assert job_counts(out) == {"extract_shard": 1, "cache_verify": 1, "train": 1, "report": 1, "all": 1}
+    assert job_counts(out) == {
+        "extract_shard": 1,
+        "cache_verify": 1,
+        "train_run": len(runs_of(scenario, "vs_tiny")),
+        "aggregate": 1,
+        "report": 1,
+        "all": 1,
+    }
     assert "results/demo/cache/tiny-bert/even3.done" in out
 
 
@@ -132,14 +173,16 @@ def _edit(path):
     return original
 
 
-def test_code_change_reruns_the_stages_that_use_it(demo_run):
+def test_code_change_reruns_the_stages_that_use_it(demo_run, scenario):
     wd, _ = demo_run
     train_py = wd / "iisan/train.py"
     original = _edit(train_py)
     try:
-        assert job_counts(snakemake(wd, "-n", "--cores", "1")) == {"train": len(TARGET), "report": 1, "all": 1}
+        counts = job_counts(snakemake(wd, "-n", "--cores", "1"))
     finally:
         train_py.write_text(original)
+    n_runs = sum(len(runs_of(scenario, e)) for e in TARGET)
+    assert counts == {"train_run": n_runs, "aggregate": len(TARGET), "report": 1, "all": 1}
     extract_py = wd / "iisan/extract.py"
     original = _edit(extract_py)
     try:
@@ -147,7 +190,16 @@ def test_code_change_reruns_the_stages_that_use_it(demo_run):
     finally:
         extract_py.write_text(original)
     # three caches (tiny-bert, tiny-vit, tiny-llama-gptq) and everything trained on them
-    assert counts == {"extract_shard": 3, "cache_verify": 3, "train": len(TARGET) - 1, "report": 1, "all": 1}
+    cached = [e for e in TARGET if e != "popularity"]
+    n_runs = sum(len(runs_of(scenario, e)) for e in cached)
+    assert counts == {
+        "extract_shard": 3,
+        "cache_verify": 3,
+        "train_run": n_runs,
+        "aggregate": len(cached),
+        "report": 1,
+        "all": 1,
+    }
 
 
 def test_llama3_70b_target_dry_run_and_slurm_profile(demo_run):
@@ -191,3 +243,34 @@ def test_changing_a_users_image_folder_reruns_preparation_and_image_extraction(d
     shutil.copy(images[1], images[0])  # the user replaces one picture
     counts = job_counts(snakemake(wd, "-n", "--cores", "1", target, overlays=[ov]))
     assert counts == {"prepare": 1, "extract_shard": 1, "cache_verify": 1}
+
+
+def test_time_and_memory_by_batch_size_target(demo_run):
+    wd, _ = demo_run
+    study = {"datasets": ["demo"], "experiments": ["vs_tiny", "lora_tiny"], "batch_sizes": [2, 8], "steps": 3}
+    ov = overlay(wd, "bs.yaml", {"targets": {"bs_small": study}})
+    snakemake(wd, "--cores", "2", "results/report/bs_small/summary.json", overlays=[ov])
+    rows = (wd / "results/report/bs_small/time_memory_by_batch_size.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and all(float(r.split(",")[6]) > 0 for r in rows[1:])  # s/epoch
+    assert (wd / "results/report/bs_small/time_memory_by_batch_size.png").stat().st_size > 1000
+    p = json.loads((wd / "results/demo/vs_tiny/profile/bs-8.steps-3.json").read_text())
+    assert p["peak_memory_kind"] == "cpu_peak_rss_above_baseline" and p["batch_size"] == 8 and p["steps"] == 3
+
+
+def test_snakemake_report_makes_one_html_page(demo_run):
+    wd, _ = demo_run
+    snakemake(wd, "--report", "report.html")
+    html = (wd / "report.html").read_text()  # captions are HTML-escaped: @ -> &#64;
+    assert "Training curves: validation HR&#64;k" in html and "training_curves.png" in html and "main.csv" in html
+
+
+def test_recommendations_are_a_target_built_without_retraining(demo_run):
+    wd, _ = demo_run
+    target = "results/demo/vs_tiny/recommendations.tsv"
+    assert job_counts(snakemake(wd, "-n", "--cores", "1", target)) == {"recommend": 1}
+    snakemake(wd, "--cores", "1", target)
+    lines = (wd / target).read_text().splitlines()
+    n_users = json.loads((wd / "results/demo/data/meta.json").read_text())["n_users"]
+    assert (
+        lines[0].split("\t") == ["user", "rank", "item_id", "asin", "score", "title"] and len(lines) == 1 + 10 * n_users
+    )

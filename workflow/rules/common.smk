@@ -1,6 +1,7 @@
 # Input functions and config lookups. Anything bigger belongs in the iisan package.
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from iisan.config import PIPELINE_ONLY, merged_settings
 from iisan.images import listing_fingerprint
 from iisan.layerdrop import spec_tag
 from iisan.provenance import code_hash
+from iisan.runs import experiment_runs, is_multi, run_named
 
 # Jobs call `iisan` from the environment Snakemake runs in, activated or not
 # (`.venv/bin/snakemake ...`); a rule's conda env, when used, comes first on PATH.
@@ -114,8 +116,37 @@ def train_code(wildcards):
     return code_hash("train", method_of(wildcards.exp).name)
 
 
+def profile_code(wildcards):
+    return code_hash("profile", method_of(wildcards.exp).name)
+
+
+def names_regex(names):
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+# an experiment's metrics.json is a run's (train) or the aggregate of its runs (aggregate)
+MULTI_RUN = names_regex([e for e in config["experiments"] if is_multi(config, e)])
+SINGLE_RUN = names_regex([e for e in config["experiments"] if not is_multi(config, e)])
+
+
 def train_settings(wildcards):
-    return json.dumps(merged_settings(config, wildcards.ds, wildcards.exp), sort_keys=True)
+    """A run's settings; a rule with no {run} (profile) takes the experiment's first run."""
+    if "run" in wildcards.keys():
+        run = run_named(config, wildcards.ds, wildcards.exp, wildcards.run)
+    else:
+        run = experiment_runs(config, wildcards.ds, wildcards.exp)[0]
+    return json.dumps(run.settings, sort_keys=True)
+
+
+def get_run_outputs(wildcards):
+    return [f"results/{wildcards.ds}/{wildcards.exp}/{r.name}/metrics.json"
+            for r in experiment_runs(config, wildcards.ds, wildcards.exp)]
+
+
+def aggregate_runs(wildcards):
+    runs = [{"dir": f"results/{wildcards.ds}/{wildcards.exp}/{r.name}", "point": r.point, "seed": r.seed}
+            for r in experiment_runs(config, wildcards.ds, wildcards.exp)]
+    return json.dumps(runs, sort_keys=True)
 
 
 def item_flags(wildcards):
@@ -131,12 +162,20 @@ def item_flags(wildcards):
     return " ".join(flags)
 
 
+QUALITY_TARGETS = names_regex([t for t, v in config["targets"].items() if not v.get("batch_sizes")])
+BATCH_SIZE_TARGETS = names_regex([t for t, v in config["targets"].items() if v.get("batch_sizes")])
+
+
 def target_runs(target):
     t = config["targets"][target]
     return [(ds, e) for ds in t["datasets"] for e in t["experiments"]]
 
 
 def get_report_inputs(wildcards):
+    t = config["targets"][wildcards.target]
+    if t.get("batch_sizes"):  # a time-and-memory study
+        return [f"results/{ds}/{e}/profile/bs-{b}.steps-{t['steps']}.json" for ds, e in target_runs(wildcards.target)
+                for b in t["batch_sizes"]]
     return [f"results/{ds}/{e}/metrics.json" for ds, e in target_runs(wildcards.target)]
 
 
@@ -148,3 +187,9 @@ def report_experiments(wildcards):
         out.setdefault(ds, {})[e] = {"group": exp["group"], "label": exp.get("label", e), "text_backbone": text,
                                      "text_params_b": config["backbones"][text]["params_b"] if text else None}
     return json.dumps(out, sort_keys=True)
+
+
+def report_output(name, caption, subcategory):
+    """A report output flagged for `snakemake --report`, captioned by workflow/report/<caption>."""
+    return report(f"results/report/{{target}}/{name}", caption=f"../report/{caption}", category="{target}",
+                  subcategory=subcategory)

@@ -1,3 +1,8 @@
+# Stage two. An experiment with one seed and no grid is one run in results/{ds}/{exp}/;
+# with seeds and/or a grid, each run has its own folder and `aggregate` writes the
+# experiment's metrics.json (mean, sd, per seed; the grid point selected on validation).
+
+
 rule train:
     input:
         unpack(get_train_inputs),
@@ -5,9 +10,12 @@ rule train:
     output:
         metrics="results/{ds}/{exp}/metrics.json",
         efficiency="results/{ds}/{exp}/efficiency.json",
+    wildcard_constraints:
+        exp=SINGLE_RUN,
     params:
         settings=train_settings,
         item_flags=item_flags,
+        out=lambda wc, output: os.path.dirname(output.metrics),
         code=train_code,
     resources:
         gpu=1,
@@ -19,4 +27,85 @@ rule train:
         "results/benchmarks/{ds}/{exp}/train.tsv"
     shell:
         "iisan --log {log} train --data {input.data} {params.item_flags} --settings {params.settings:q} "
-        "--name {wildcards.exp} --out results/{wildcards.ds}/{wildcards.exp}"
+        "--name {wildcards.exp} --out {params.out}"
+
+
+use rule train as train_run with:
+    output:
+        metrics="results/{ds}/{exp}/{run}/metrics.json",
+        efficiency="results/{ds}/{exp}/{run}/efficiency.json",
+    wildcard_constraints:
+        exp=MULTI_RUN,
+        run="[^/]+",
+    log:
+        "results/logs/{ds}/{exp}/{run}/train.log",
+    benchmark:
+        "results/benchmarks/{ds}/{exp}/{run}/train.tsv"
+
+
+rule aggregate:
+    input:
+        get_run_outputs,
+    output:
+        metrics="results/{ds}/{exp}/metrics.json",
+        efficiency="results/{ds}/{exp}/efficiency.json",
+    wildcard_constraints:
+        exp=MULTI_RUN,
+    params:
+        runs=aggregate_runs,
+        out=lambda wc, output: os.path.dirname(output.metrics),
+        code=code_hash("aggregate"),
+    conda:
+        "../../envs/iisan.yaml"
+    log:
+        "results/logs/{ds}/{exp}/aggregate.log",
+    benchmark:
+        "results/benchmarks/{ds}/{exp}/aggregate.tsv"
+    shell:
+        "iisan --log {log} aggregate --runs {params.runs:q} --out {params.out}"
+
+
+rule profile:
+    input:
+        unpack(get_train_inputs),
+        data="results/{ds}/data",
+    output:
+        "results/{ds}/{exp}/profile/bs-{bs}.steps-{steps}.json",
+    wildcard_constraints:
+        bs=r"\d+",
+        steps=r"\d+",
+    params:
+        settings=train_settings,
+        item_flags=item_flags,
+        code=profile_code,
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/iisan.yaml"
+    log:
+        "results/logs/{ds}/{exp}/profile/bs-{bs}.steps-{steps}.log",
+    benchmark:
+        "results/benchmarks/{ds}/{exp}/profile/bs-{bs}.steps-{steps}.tsv"
+    shell:
+        "iisan --log {log} profile --data {input.data} {params.item_flags} --settings {params.settings:q} "
+        "--batch-size {wildcards.bs} --steps {wildcards.steps} --out {output}"
+
+
+rule recommend:
+    input:
+        "results/{ds}/{exp}/metrics.json",
+    output:
+        "results/{ds}/{exp}/recommendations.{fmt}",
+    wildcard_constraints:
+        fmt="tsv|parquet",
+    params:
+        k=10,
+        code=code_hash("recommend"),
+    conda:
+        "../../envs/iisan.yaml"
+    log:
+        "results/logs/{ds}/{exp}/recommend.{fmt}.log",
+    benchmark:
+        "results/benchmarks/{ds}/{exp}/recommend.{fmt}.tsv"
+    shell:
+        "iisan --log {log} recommend --run $(dirname {input}) --k {params.k} --out {output}"
