@@ -140,18 +140,18 @@ def _item_args(a) -> dict:
     """--{text,image}-cache / -backbone / -layers -> the caches, backbones and layers a run reads."""
     from iisan.backbones import BackboneSpec
 
-    given = {
-        (m, kind): getattr(a, f"{m}_{kind}") for m in ("text", "image") for kind in ("cache", "backbone", "layers")
-    }
     return {
-        "caches": {m: v for (m, kind), v in given.items() if kind == "cache" and v},
+        "caches": _given(a, "cache"),
         "backbones": {
-            m: BackboneSpec.from_config(_json_arg(v, f"{m}-backbone"))
-            for (m, kind), v in given.items()
-            if kind == "backbone" and v
+            m: BackboneSpec.from_config(_json_arg(v, f"{m}-backbone")) for m, v in _given(a, "backbone").items()
         },
-        "layers": {m: _json_arg(v, f"{m}-layers") for (m, kind), v in given.items() if kind == "layers" and v},
+        "layers": {m: _json_arg(v, f"{m}-layers") for m, v in _given(a, "layers").items()},
     }
+
+
+def _given(a, kind: str) -> dict:
+    """The --text-{kind} / --image-{kind} options given: modality -> value."""
+    return {m: v for m in ("text", "image") if (v := getattr(a, f"{m}_{kind}"))}
 
 
 def _settings(a):
@@ -181,8 +181,7 @@ def cmd_profile(a):
 
 
 def _run_args(a) -> dict:
-    caches = {m: v for m, v in (("text", a.text_cache), ("image", a.image_cache)) if v}
-    return {"data_dir": a.data, "caches": caches, "device": a.device}
+    return {"data_dir": a.data, "caches": _given(a, "cache"), "device": a.device}
 
 
 def cmd_recommend(a):

@@ -39,7 +39,8 @@ def _read(run_dir: Path, name: str):
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def report_plots(out: Path, runs: list[dict], storage_rows: list, k: int) -> list[str]:
+def report_plots(out: Path, runs: list[dict], timed: list[dict], storage_rows: list, k: int) -> list[str]:
+    """``timed``: the runs with training time to show (popularity has none)."""
     plt = _plt()
     path = out / "hr_by_text_encoder.png"
     scaling = sorted((r for r in runs if r["group"] == "scaling"), key=lambda r: (r["text_params_b"] or 0, r["label"]))
@@ -59,14 +60,13 @@ def report_plots(out: Path, runs: list[dict], storage_rows: list, k: int) -> lis
         _empty(path, "scaling experiments")
 
     path = out / "time_memory_by_method.png"
-    eff = [r for r in runs if r["eff"] and r["eff"].get("trainable_parameters")]
-    if eff:
+    if timed:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        labels = [f"{r['dataset']}/{r['label']}" for r in eff]
-        axes[0].barh(labels, [r["eff"]["seconds_per_epoch"] for r in eff])
+        labels = [f"{r['dataset']}/{r['label']}" for r in timed]
+        axes[0].barh(labels, [r["eff"]["seconds_per_epoch"] for r in timed])
         axes[0].set_xlabel("training seconds per epoch")
-        axes[1].barh(labels, [r["eff"]["peak_memory_bytes"] / 2**20 for r in eff])
-        axes[1].set_xlabel(f"peak memory, MiB ({eff[0]['eff'].get('peak_memory_kind', '')})")
+        axes[1].barh(labels, [r["eff"]["peak_memory_bytes"] / 2**20 for r in timed])
+        axes[1].set_xlabel(f"peak memory, MiB ({timed[0]['eff'].get('peak_memory_kind', '')})")
         axes[1].set_yticklabels([])
         _save(fig, path)
     else:

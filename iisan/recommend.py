@@ -52,41 +52,51 @@ def _read_sequences(data: PreparedData) -> list[tuple[str, list[int]]]:
 def select_users(data: PreparedData, which: str = "test", histories=None) -> Users:
     """``which``: ``test``, ``next`` or a file of user ids (one per line); ``histories``: a TSV of
     ``name<TAB>ASIN ASIN ...`` for users the model never saw (overrides ``which``)."""
-    width = data.max_len
     if histories is not None:
-        index = {a: i for i, a in enumerate(data.asins) if i}
-        names, seqs = [], []
-        for no, line in enumerate(Path(histories).read_text(encoding="utf-8-sig").splitlines(), 1):
-            if not line.strip():
-                continue
-            name, _, items = line.partition("\t")
-            unknown = [a for a in items.split() if a not in index]
-            if unknown or not items.split():
-                what = f"ASIN(s) {unknown[:5]} not in the catalogue" if unknown else "no items"
-                raise DataError(histories, f"history {name!r} has {what}",
-                                "give `name<TAB>ASIN ASIN ...` with items of the run's dataset", line=no)  # fmt: skip
-            names.append(name)
-            seqs.append([index[a] for a in items.split()])
-        return Users(
-            names, torch.as_tensor(left_pad(seqs, width)), torch.as_tensor(left_pad(seqs, max(map(len, seqs))))
-        )
-    rows = _read_sequences(data)
-    if which == "test":
+        rows = _read_histories(data, histories)
+    elif which == "test":
         sp = data.splits
-        return Users([u for u, _ in rows], torch.as_tensor(sp["test_input"]), torch.as_tensor(sp["test_history"]))
-    if which != "next":
-        if not Path(which).is_file():
-            raise DataError(which, "not `test`, `next` or a file of user ids", "give --users test|next|FILE")
-        by_name = dict(rows)
-        wanted = [w.strip() for w in Path(which).read_text(encoding="utf-8-sig").splitlines() if w.strip()]
-        unknown = [w for w in wanted if w not in by_name]
-        if unknown:
-            raise DataError(which, f"{len(unknown)} user id(s) not in the run's dataset, e.g. {unknown[:3]}",
-                            f"list user ids of {data.root}/users.tsv, or give new users as --histories")  # fmt: skip
-        rows = [(w, by_name[w]) for w in wanted]
+        names = [u for u, _ in _read_sequences(data)]
+        return Users(names, torch.as_tensor(sp["test_input"]), torch.as_tensor(sp["test_history"]))
+    else:
+        rows = _read_sequences(data)
+        if which != "next":
+            rows = _pick_users(data, rows, which)
     seqs = [s for _, s in rows]
-    return Users([u for u, _ in rows], torch.as_tensor(left_pad(seqs, width)),
+    return Users([u for u, _ in rows], torch.as_tensor(left_pad(seqs, data.max_len)),
                  torch.as_tensor(left_pad(seqs, max(map(len, seqs)))))  # fmt: skip
+
+
+def _read_histories(data: PreparedData, histories) -> list[tuple[str, list[int]]]:
+    index = {a: i for i, a in enumerate(data.asins) if i}
+    rows = []
+    for no, line in enumerate(Path(histories).read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        name, _, items = line.partition("\t")
+        unknown = [a for a in items.split() if a not in index]
+        if unknown or not items.split():
+            what = f"ASIN(s) {unknown[:5]} not in the catalogue" if unknown else "no items"
+            raise DataError(histories, f"history {name!r} has {what}",
+                            "give `name<TAB>ASIN ASIN ...` with items of the run's dataset", line=no)  # fmt: skip
+        rows.append((name, [index[a] for a in items.split()]))
+    return rows
+
+
+def _pick_users(data: PreparedData, rows, which) -> list[tuple[str, list[int]]]:
+    if not Path(which).is_file():
+        raise DataError(which, "not `test`, `next` or a file of user ids", "give --users test|next|FILE")
+    by_name = dict(rows)
+    wanted = [w.strip() for w in Path(which).read_text(encoding="utf-8-sig").splitlines() if w.strip()]
+    unknown = [w for w in wanted if w not in by_name]
+    if unknown:
+        raise DataError(which, f"{len(unknown)} user id(s) not in the run's dataset, e.g. {unknown[:3]}",
+                        f"list user ids of {data.root}/users.tsv, or give new users as --histories")  # fmt: skip
+    return [(w, by_name[w]) for w in wanted]
+
+
+def _device(model) -> torch.device:
+    return next(iter(model.buffers()), next(model.parameters(), torch.empty(0))).device
 
 
 @torch.no_grad()
@@ -94,15 +104,15 @@ def item_embeddings(model, chunk: int = ITEM_CHUNK) -> torch.Tensor:
     """Every item's embedding, (N+1, d) float32 (row 0 = padding)."""
     model.eval()
     n1 = model.cfg.n_items + 1
-    device = next(iter(model.buffers()), next(model.parameters(), torch.empty(0))).device
-    ids = torch.arange(n1, device=device)
+    ids = torch.arange(n1, device=_device(model))
     return torch.cat([model.embed_items(ids[i : i + chunk]).float() for i in range(0, n1, chunk)])
 
 
 @torch.no_grad()
 def user_embeddings(model, inputs: torch.Tensor, chunk: int = USER_CHUNK) -> torch.Tensor:
-    """The user state after each history, (U, d) float32."""
+    """The user state after each history, (U, d) float32, on the model's device."""
     model.eval()
+    inputs = inputs.to(_device(model))
     return torch.cat([model.users(inputs[i : i + chunk]).float() for i in range(0, len(inputs), chunk)])
 
 
@@ -176,7 +186,7 @@ def recommend(run_dir, k: int = 10, which: str = "test", histories=None, keep_hi
     model, data, _ = load_run(run_dir, data_dir=data_dir, caches=caches, device=device)
     users = select_users(data, which, histories)
     items = item_embeddings(model, item_chunk).cpu()
-    u = user_embeddings(model, users.inputs.to(items.device if device == "cpu" else device), user_chunk).cpu()
+    u = user_embeddings(model, users.inputs, user_chunk).cpu()
     scores, ids = top_k(u, items, None if keep_history else users.exclude, k, user_chunk, item_chunk)
     n, kk = ids.shape
     flat = ids.reshape(-1).numpy()

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from iisan import methods
-from iisan.config import PIPELINE_ONLY, merged_settings
+from iisan.config import PIPELINE_ONLY
 from iisan.images import listing_fingerprint
 from iisan.layerdrop import spec_tag
 from iisan.provenance import code_hash
@@ -138,15 +138,18 @@ def train_settings(wildcards):
     return json.dumps(run.settings, sort_keys=True)
 
 
-def get_run_outputs(wildcards):
-    return [f"results/{wildcards.ds}/{wildcards.exp}/{r.name}/metrics.json"
+def run_folders(wildcards):
+    """(folder, run) of each run of a multi-run experiment."""
+    return [(f"results/{wildcards.ds}/{wildcards.exp}/{r.name}", r)
             for r in experiment_runs(config, wildcards.ds, wildcards.exp)]
+
+
+def get_run_outputs(wildcards):
+    return [f"{d}/metrics.json" for d, _ in run_folders(wildcards)]
 
 
 def aggregate_runs(wildcards):
-    runs = [{"dir": f"results/{wildcards.ds}/{wildcards.exp}/{r.name}", "point": r.point, "seed": r.seed}
-            for r in experiment_runs(config, wildcards.ds, wildcards.exp)]
-    return json.dumps(runs, sort_keys=True)
+    return json.dumps([{"dir": d, "point": r.point, "seed": r.seed} for d, r in run_folders(wildcards)], sort_keys=True)
 
 
 def item_flags(wildcards):
