@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from iisan.device import resolve_device
+from iisan.device import input_device, resolve_device
 from iisan.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ class BackboneSpec:
     pooling: str = "auto"  # auto: mean for decoder LLMs, cls otherwise
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16/float16 on GPU, float16 for GPTQ
     max_text_len: int = 30
-    batch_size: int = 64
+    batch_size: int | str = 64  # items per forward pass, or "auto" (halve on accelerator out-of-memory)
+    tokens_per_batch: int | None = None  # budget of padded tokens per pass (items x longest), with batch_size as cap
     device_map: str | dict | None = None  # e.g. "auto" with max_memory for offload
     max_memory: dict | None = None
     offload_folder: str | None = None
@@ -84,6 +85,10 @@ class BackboneSpec:
             raise ConfigError(f"backbone `modality`={self.modality!r} must be one of {MODALITIES}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"backbone `pooling`={self.pooling!r} must be one of {POOLINGS}")
+        if not (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1)):
+            raise ConfigError(f"backbone `batch_size`={self.batch_size!r} must be a positive integer or 'auto'")
+        if self.tokens_per_batch is not None and self.tokens_per_batch < 1:
+            raise ConfigError(f"backbone `tokens_per_batch`={self.tokens_per_batch!r} must be a positive integer")
         if self.dtype not in DTYPES:
             raise ConfigError(f"backbone `dtype`={self.dtype!r} must be one of {tuple(DTYPES)}")
 
@@ -235,11 +240,9 @@ class Backbone:
         if spec.device_map is None and not self.info["quantization"]:
             self.model.to(self.device)
         self.model.eval().requires_grad_(False)
-        # inputs go where the embeddings live (first entry of an accelerate device map)
-        hf_map = getattr(self.model, "hf_device_map", None)
-        first = next(iter(hf_map.values())) if hf_map else self.device
-        self.input_device = torch.device("cpu" if first in ("disk", "meta") else first)
+        self.input_device = input_device(self.model, self.device)
         self.processor = load_processor(spec)
+        self._blocks = None
 
     def identity(self) -> dict:
         """What identifies this backbone's outputs (recorded by the runs that read it)."""
@@ -255,6 +258,28 @@ class Backbone:
     @property
     def image_size(self) -> int | None:
         return processor_image_size(self.processor, self.info["image_size"]) if self.spec.modality == "image" else None
+
+    def token_lengths(self, raw: list) -> list[int]:
+        """Tokens each item occupies in a forward pass (titles: after truncation; images:
+        the patch count plus CLS, the same for all), which is what padding costs."""
+        if self.spec.modality == "text":
+            enc = self.processor(list(raw), truncation=True, max_length=self.spec.max_text_len)
+            return [len(ids) for ids in enc["input_ids"]]
+        cfg = self.model.config
+        side, patch = getattr(cfg, "image_size", None), getattr(cfg, "patch_size", None)
+        return [(side // patch) ** 2 + 1 if side and patch else 1] * len(raw)
+
+    def streamed_bytes(self) -> int:
+        """Bytes of weights accelerate moves in for every forward pass: modules kept on
+        disk, and on CPU when the model computes on an accelerator."""
+        hf_map = getattr(self.model, "hf_device_map", None) or {}
+        on_accel = any(d not in ("cpu", "disk") for d in hf_map.values())
+        total = 0
+        for name, dev in hf_map.items():
+            if dev == "disk" or (dev == "cpu" and on_accel):
+                m = self.model.get_submodule(name)
+                total += sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+        return total
 
     def encode_inputs(self, batch) -> dict:
         """Titles (list[str]) or PIL images -> model inputs on the input device (CPU work)."""
@@ -272,18 +297,80 @@ class Backbone:
         with torch.set_grad_enabled(grad):
             return self._forward(inputs, layers)
 
-    def _forward(self, inputs: dict, layers: list[int]) -> torch.Tensor:
+    def _inputs(self, inputs: dict) -> dict:
         inputs = {k: v.to(self.input_device, non_blocking=True) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        out = self.model(**inputs, output_hidden_states=True)
-        hs = out.hidden_states
-        if len(hs) != self.info["n_layers"] + 1:
-            raise ModelLoadError(
-                f"backbone {self.spec.model!r} returned {len(hs)} hidden states, expected {self.info['n_layers'] + 1}"
-            )
+        if getattr(self.model.config, "use_cache", None) is not None:
+            inputs["use_cache"] = False  # a decoder's key/value cache would keep every layer's K and V
+        return inputs
+
+    def _mean_weights(self, inputs: dict, device) -> torch.Tensor | None:
+        """(B, T, 1) weights 1/n on real tokens, 0 on padding (mean pooling), or None (CLS)."""
         if self.info["pooling"] == "cls":
-            return torch.stack([hs[i][:, 0] for i in layers], dim=1)  # (B, K, H)
-        mask = inputs["attention_mask"].to(hs[layers[0]].device)
-        w = (mask / mask.sum(1, keepdim=True).clamp(min=1)).unsqueeze(-1).to(hs[layers[0]].dtype)  # (B, T, 1)
-        return torch.stack([(hs[i].to(w.device) * w).sum(1) for i in layers], dim=1)  # (B, K, H)
+            return None
+        mask = inputs["attention_mask"].to(device)
+        return (mask / mask.sum(1, keepdim=True).clamp(min=1)).unsqueeze(-1).to(self.dtype)
+
+    @staticmethod
+    def _pool(h: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        return h[:, 0] if w is None else (h.to(w.device) * w).sum(1)
+
+    def _forward(self, inputs: dict, layers: list[int]) -> torch.Tensor:
+        """Each selected tap is pooled by a forward hook the moment its layer produces
+        it, so only (B, K, H) is kept: activation memory does not grow with depth.
+        The taps are transformers' ``hidden_states`` indices: 0 is the input of the
+        first layer, i the output of layer i; the last is ``last_hidden_state``
+        (after the final norm) for language models, as transformers ties it."""
+        inputs = self._inputs(inputs)
+        w = self._mean_weights(inputs, self.input_device)
+        blocks, n = self._layer_modules(), self.info["n_layers"]
+        tie_last = getattr(self.model.config, "tie_last_hidden_states", None)
+        tie_last = self.spec.modality == "text" if tie_last is None else tie_last
+        pooled: dict[int, torch.Tensor] = {}
+
+        def tap(i):
+            def hook(module, args, kwargs, output):
+                if i == 0:
+                    pooled[0] = self._pool(args[0] if args else kwargs["hidden_states"], w)
+                if i + 1 in layers and not (tie_last and i + 1 == n):
+                    pooled[i + 1] = self._pool(output[0] if isinstance(output, tuple) else output, w)
+
+            return hook
+
+        wanted = {0} if 0 in layers else set()
+        wanted |= {i - 1 for i in layers if i > 0}
+        handles = [blocks[i].register_forward_hook(tap(i), with_kwargs=True) for i in sorted(wanted)]
+        try:
+            out = self.model(**inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        if tie_last and n in layers:
+            pooled[n] = self._pool(out.last_hidden_state, w)
+        return torch.stack([pooled[i].to(self.input_device) for i in layers], dim=1)
+
+    def _layer_modules(self) -> torch.nn.ModuleList:
+        """The model's stack of ``n_layers`` transformer blocks (whatever its attribute name)."""
+        if self._blocks is None:
+            n = self.info["n_layers"]
+            stacks = [m for m in self.model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+            if not stacks:
+                raise ModelLoadError(f"backbone {self.spec.model!r}: found no stack of {n} layers to tap")
+            self._blocks = stacks[0]
+        return self._blocks
+
+    def forward_hidden_states(self, inputs: dict, layers: list[int]) -> torch.Tensor:
+        """The same pooled taps through transformers' ``output_hidden_states`` (every
+        layer's token states kept): the reference the hooks are tested against and the
+        "before" of benchmarks/extract_batching.py."""
+        with torch.no_grad():
+            inputs = self._inputs(inputs)
+            hs = self.model(**inputs, output_hidden_states=True).hidden_states
+            if len(hs) != self.info["n_layers"] + 1:
+                raise ModelLoadError(
+                    f"backbone {self.spec.model!r} returned {len(hs)} hidden states, "
+                    f"expected {self.info['n_layers'] + 1}"
+                )
+            w = self._mean_weights(inputs, self.input_device)
+            return torch.stack([self._pool(hs[i], w).to(self.input_device) for i in layers], dim=1)

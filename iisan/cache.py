@@ -158,10 +158,13 @@ def verify(store) -> dict:
     return _read_attrs(store)
 
 
-def expected_for(data, modality: str) -> dict:
-    """Attributes a cache must have to serve ``data``'s ``modality``."""
-    fp = data.meta["text_fingerprint" if modality == "text" else "image_fingerprint"]
-    return {"input_fingerprint": fp, "n_items": data.n_items, "modality": modality}
+def expected_for(data, field: str) -> dict:
+    """Attributes a cache of ``field`` (title, image, or a caption) must have to serve ``data``."""
+    if field in ("title", "image"):
+        fp = data.meta["text_fingerprint" if field == "title" else "image_fingerprint"]
+        return {"input_fingerprint": fp, "n_items": data.n_items, "field": field}
+    # captions carry their own fingerprint (recorded by the runs that read them); they must describe these items
+    return {"data_fingerprint": data.meta["text_fingerprint"], "n_items": data.n_items, "field": field}
 
 
 def load(store, device="cpu", expect: dict | None = None):

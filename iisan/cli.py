@@ -50,7 +50,12 @@ def _setup_logging(log_file: str | None, verbose: bool) -> None:
 def cmd_synth(a):
     from iisan.synth import synthesize
 
-    paths = synthesize(a.out, n_items=a.items, n_users=a.users, seed=a.seed, image_size=a.image_size, name=a.name)
+    if a.format == "microlens":
+        from iisan.microlens import synthesize_microlens
+
+        paths = synthesize_microlens(a.out, n_items=a.items, n_users=a.users, seed=a.seed, image_size=a.image_size)
+    else:
+        paths = synthesize(a.out, n_items=a.items, n_users=a.users, seed=a.seed, image_size=a.image_size, name=a.name)
     log.info("wrote demo raw data: %s", paths)
 
 
@@ -66,6 +71,7 @@ def cmd_prepare(a):
         min_len=a.min_seq_len,
         max_seq_len=a.max_seq_len,
         encoding=a.encoding,
+        format=a.format,
     )
     print(json.dumps({k: meta[k] for k in ("n_users", "n_items", "n_interactions", "missing_images")}))
 
@@ -93,6 +99,7 @@ def cmd_extract(a):
         nshards=a.nshards,
         on_mismatch=a.on_mismatch,
         init_only=a.init_only,
+        captions=a.captions,
     )
     if a.done:
         if a.nshards == 1 and not a.init_only:
@@ -104,10 +111,19 @@ def cmd_extract(a):
             )
 
 
+def cmd_caption(a):
+    from iisan.caption import CaptionSpec, caption
+
+    spec = CaptionSpec.from_config(_json_arg(a.captioner, "captioner"))
+    s = caption(a.data, spec, a.source, a.out, frames=a.frames, device=a.device)
+    print(json.dumps({k: s[k] for k in ("n_items", "generated_now", "n_missing_pictures", "n_empty_captions")}))
+
+
 def cmd_cache_verify(a):
     from iisan.extract import finish
 
-    finish(a.store, a.done)
+    shards = [json.loads(Path(f).read_text()).get("stats", {}) for f in a.shards]
+    finish(a.store, a.done, {"shards": shards} if shards else None)
     log.info("cache %s complete", a.store)
 
 
@@ -233,12 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=32)
     s.add_argument("--name", default="demo", help="dataset name: files are {name}_items.tsv and am_{name}_users.tsv")
+    s.add_argument("--format", choices=("amazon", "microlens"), default="amazon", help="raw layout to write")
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("prepare", help="raw items/users TSV (+ images) -> prepared dataset")
-    s.add_argument("--items", required=True, help="items TSV: ASIN<TAB>title")
-    s.add_argument("--users", required=True, help="users TSV: user<TAB>ASIN ASIN ...")
-    s.add_argument("--images", help="folder of {ASIN}.jpg or the authors' LMDB; omit for text-only data")
+    s.add_argument("--items", required=True, help="items TSV: ASIN<TAB>title (microlens: the titles CSV)")
+    s.add_argument("--users", required=True, help="users TSV: user<TAB>ASIN ASIN ... (microlens: pairs TSV or CSV)")
+    s.add_argument("--images", help="folder or zip of {ASIN}.jpg, or the authors' LMDB; omit for text-only data")
+    s.add_argument("--format", choices=("amazon", "microlens"), default="amazon", help="raw layout")
     s.add_argument("--missing-images", choices=("error", "blank"), default="error")
     s.add_argument("--min-seq-len", type=int, default=5)
     s.add_argument("--max-seq-len", type=int, default=10)
@@ -247,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("build-tiny", help="build a tiny random backbone locally (tests and the demo)")
-    s.add_argument("kind", choices=("tiny-bert", "tiny-vit", "tiny-llama", "tiny-llama-gptq"))
+    s.add_argument("kind", help="tiny-bert, tiny-vit, tiny-llama, tiny-llama-gptq or tiny-llava")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_build_tiny)
@@ -263,11 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nshards", type=int, default=1)
     s.add_argument("--on-mismatch", choices=("error", "rebuild"), default="error")
     s.add_argument("--init-only", action="store_true", help="create the empty store and exit")
+    s.add_argument("--captions", help="a folder from `iisan caption`: encode these captions instead of the titles")
     s.set_defaults(func=cmd_extract)
+
+    s = sub.add_parser("caption", help="caption every item's cover or video frames with a vision-language model")
+    s.add_argument("--data", required=True, help="prepared dataset folder")
+    s.add_argument("--captioner", required=True, help='JSON: {"model": ..., "prompt": ..., "max_new_tokens": ...}')
+    s.add_argument("--source", choices=("cover", "video"), required=True)
+    s.add_argument("--frames", help="video frames: zip or folder of {item}/{k}.jpg (source video)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True, help="output folder (captions.tsv, captions.json)")
+    s.set_defaults(func=cmd_caption)
 
     s = sub.add_parser("cache-verify", help="check every chunk of a store is extracted; write the completion file")
     s.add_argument("--store", required=True)
     s.add_argument("--done", required=True)
+    s.add_argument("shards", nargs="*", help="shard completion files whose extraction figures to keep")
     s.set_defaults(func=cmd_cache_verify)
 
     s = sub.add_parser("cache-info", help="shape, bytes on disk, and the cost of caching all layers")

@@ -135,10 +135,16 @@ def _cross_check(config: dict) -> None:
                 continue
             where = f"experiments.{name}.{tower}.backbone"
             b = _need(config, "backbones", exp[tower]["backbone"], where)
-            if b["modality"] != tower:
+            field = exp[tower].setdefault("field", "title" if tower == "text" else "image")
+            kind = "image" if field == "image" else "text"
+            if b["modality"] != kind:
                 raise ConfigError(
-                    f"{where}={exp[tower]['backbone']!r} is a {b['modality']} backbone, not a {tower} one"
+                    f"{where}={exp[tower]['backbone']!r} is a {b['modality']} backbone; the tower reads "
+                    f"`field: {field}`, which needs a {kind} one"
                 )
+            if field.endswith("_caption") and not method.needs_cache:
+                raise ConfigError(f"experiments.{name}.{tower}.field={field!r}: captions are read from caches; "
+                                  f"method {method.name!r} runs backbones on titles and images only")  # fmt: skip
         has_tower = "text" in exp or "image" in exp
         if method.needs_content and not has_tower:
             raise ConfigError(f"experiments.{name} needs a `text` and/or `image` tower for method {method.name!r}")
@@ -147,6 +153,13 @@ def _cross_check(config: dict) -> None:
     for t, target in config["targets"].items():
         for i, ds in enumerate(target["datasets"]):
             _need(config, "datasets", ds, f"targets.{t}.datasets[{i}]")
+            for e in target["experiments"]:
+                for tower in ("text", "image"):
+                    field = config["experiments"].get(e, {}).get(tower, {}).get("field", "")
+                    source = field.removesuffix("_caption")
+                    if field.endswith("_caption") and source not in config["datasets"][ds]["captions"]:
+                        raise ConfigError(f"targets.{t}: experiment {e} reads {field} of dataset {ds}, which "
+                                          f"defines no `captions: {{{source}: {{model: ...}}}}`")  # fmt: skip
         for i, e in enumerate(target["experiments"]):
             _need(config, "experiments", e, f"targets.{t}.experiments[{i}]")
     _need(config, "targets", config["default_target"], "default_target")

@@ -73,19 +73,25 @@ def prepare(
     min_len: int = 5,
     max_seq_len: int = 10,
     encoding: str = "utf-8",
+    format: str = "amazon",
 ) -> dict:
-    """Read raw Amazon-format files and write a prepared dataset folder. Returns meta.
+    """Read raw files (Amazon TSVs, or MicroLens' titles CSV and pairs: iisan.microlens)
+    and write a prepared dataset folder. Returns meta.
 
     The settings are checked against the schema's ``prepare`` definition (as
     config.yaml's are), and ``out`` before any work (see iisan.outputs)."""
-    check_section(
-        "prepare",
-        {"missing_images": missing_images, "min_seq_len": min_len, "max_seq_len": max_seq_len, "encoding": encoding},
-        "iisan prepare",
-    )
+    settings = {"missing_images": missing_images, "min_seq_len": min_len, "max_seq_len": max_seq_len,
+                "encoding": encoding, "format": format}  # fmt: skip
+    check_section("prepare", settings, "iisan prepare")
     check_replaceable(Path(out).absolute(), "prepared-dataset")
-    titles_by_asin = read_items(items_path, encoding)
-    users = read_users(users_path, known_items=titles_by_asin, encoding=encoding)
+    if format == "microlens":
+        from iisan.microlens import read_pairs, read_titles
+
+        titles_by_asin = read_titles(items_path, encoding)
+        users = read_pairs(users_path, titles_by_asin, encoding)
+    else:
+        titles_by_asin = read_items(items_path, encoding)
+        users = read_users(users_path, known_items=titles_by_asin, encoding=encoding)
 
     keep_last = max_seq_len + 3  # train window (max_seq_len+1) + valid + test
     kept = [(u, s[-keep_last:]) for u, s in users if len(s) >= min_len]
@@ -134,6 +140,7 @@ def prepare(
         "n_interactions": int(sum(len(s) for s in seqs)),
         "min_seq_len": min_len,
         "max_seq_len": max_seq_len,
+        "format": format,
         "sources": {"items": str(items_path), "users": str(users_path), "images": str(images) if images else None},
         "image_source_kind": src.kind if src else None,
         "missing_images": n_missing,

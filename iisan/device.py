@@ -23,6 +23,14 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return torch.device(name)
 
 
+def input_device(model, default: torch.device) -> torch.device:
+    """Where a loaded model's inputs go: where its embeddings live (the first entry of an
+    accelerate device map; the CPU if that is disk), else ``default``."""
+    hf_map = getattr(model, "hf_device_map", None)
+    first = next(iter(hf_map.values())) if hf_map else default
+    return torch.device("cpu" if first in ("disk", "meta") else first)
+
+
 @contextlib.contextmanager
 def deterministic():
     """Deterministic kernels inside the block (the previous setting is restored after).

@@ -54,3 +54,10 @@ class TrainingError(IisanError):
 class CheckpointError(IisanError):
     """Raised when a run folder has no usable checkpoint, or its checkpoint does not
     belong to the dataset or inputs it is asked to work with."""
+
+
+class ExtractionError(IisanError):
+    """Raised when stage one cannot go on: a forward pass does not fit in memory."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(f"{problem}\n  fix: {fix}")

@@ -12,10 +12,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from iisan import cache
+from iisan import batching, cache
 from iisan.backbones import Backbone, BackboneSpec, load_processor, model_info, processor_image_size
+from iisan.batching import AUTO_CPU_TOKENS, AUTO_START_ITEMS
+from iisan.cache import human_bytes
+from iisan.caption_table import read_captions
 from iisan.data import PreparedData
-from iisan.errors import ConfigError, DataError
+from iisan.efficiency import PeakMemory
+from iisan.errors import ConfigError, DataError, ExtractionError
 from iisan.item_inputs import ItemInputs
 from iisan.layerdrop import select_layers
 from iisan.provenance import code_hash
@@ -31,9 +35,14 @@ def shard_chunks(n_chunks: int, shard: int, nshards: int) -> range:
     return range(shard * per, min((shard + 1) * per, n_chunks))
 
 
-def cache_attrs(data: PreparedData, spec: BackboneSpec, layers_spec, chunk_items: int) -> dict:
-    """What identifies a cache: checked against an existing store before any work."""
+def cache_attrs(data: PreparedData, spec: BackboneSpec, layers_spec, chunk_items: int,
+                captions: dict | None = None) -> dict:  # fmt: skip
+    """What identifies a cache: checked against an existing store before any work.
+    ``captions``: the summary of the captions read instead of titles (iisan.caption)."""
     info = model_info(spec)
+    if captions and spec.modality != "text":
+        raise ConfigError(f"captions are text: backbone {spec.model!r} is an {spec.modality} encoder")
+    field = f"{captions['source']}_caption" if captions else "title" if spec.modality == "text" else "image"
     if spec.modality == "image" and not data.has_images:
         raise DataError(
             data.root,
@@ -53,7 +62,9 @@ def cache_attrs(data: PreparedData, spec: BackboneSpec, layers_spec, chunk_items
         "dtype": "float16",
         "max_text_len": spec.max_text_len if spec.modality == "text" else None,
         "image_size": processor_image_size(load_processor(spec)) if spec.modality == "image" else None,
-        "input_fingerprint": data.meta["text_fingerprint" if spec.modality == "text" else "image_fingerprint"],
+        "field": field,
+        "input_fingerprint": captions["fingerprint"] if captions else data.meta[f"{spec.modality}_fingerprint"],
+        "data_fingerprint": data.meta["text_fingerprint"],
         "n_items": data.n_items,
         "chunk_items": chunk_items,
         "code": code_hash("extract"),
@@ -72,10 +83,13 @@ def extract(
     on_mismatch: str = "error",
     device: torch.device | None = None,
     init_only: bool = False,
+    captions=None,
 ) -> dict:
-    """Fill this shard's missing chunks of ``store``. Returns timing figures."""
+    """Fill this shard's missing chunks of ``store`` (``captions``: a folder from
+    `iisan caption`, encoded instead of the titles). Returns timing figures."""
     data = PreparedData.load(data_dir)
-    attrs = cache_attrs(data, spec, layers_spec, chunk_items)
+    texts, caption_meta = read_captions(captions, data) if captions else (None, None)
+    attrs = cache_attrs(data, spec, layers_spec, chunk_items, caption_meta)
     writer = cache.CacheWriter(store, attrs, on_mismatch=on_mismatch)
     todo = [c for c in shard_chunks(writer.n_chunks, shard, nshards) if not writer.is_done(c)]
     stats = {
@@ -91,46 +105,129 @@ def extract(
     t_load = time.perf_counter()
     backbone = Backbone(spec, device)
     stats["load_seconds"] = time.perf_counter() - t_load
-    make_inputs = ItemInputs(data, backbone)
-    layers, bs = attrs["layers"], spec.batch_size
+    make_inputs = ItemInputs(data, backbone, texts)
+    layers = attrs["layers"]
+    sizer = BatchSizer(spec, backbone.input_device)
+    streamed = backbone.streamed_bytes()
     cuda = backbone.input_device.type == "cuda"
+    real_tokens = padded_tokens = passes = 0
     t0 = time.perf_counter()
-    # the next batch's inputs are prepared in a thread while the model runs (torch releases the GIL)
+
+    def encode(raw, batch):
+        return backbone.encode_inputs([raw[p] for p in batch])
+
     n_todo = sum(hi - max(lo, 1) for lo, hi in map(writer.chunk_rows, todo))  # real items; row 0 is padding
+    # the next batch's inputs are prepared in a thread while the model runs (torch releases the GIL)
     with (
+        PeakMemory(backbone.input_device) as peak,
         ThreadPoolExecutor(max_workers=1) as pool,
         tqdm(total=n_todo, desc=f"extract {Path(spec.model).name}", unit="item", disable=None) as bar,
     ):
+        baseline = peak.peak_bytes
         for c in todo:
             lo, hi = writer.chunk_rows(c)
             rows = np.zeros((hi - lo, len(layers), attrs["hidden"]), dtype=np.float16)
             ids = list(range(max(lo, 1), hi))
-            batches = [ids[i : i + bs] for i in range(0, len(ids), bs)]
-            pending = pool.submit(make_inputs, batches[0]) if batches else None
-            for j, b in enumerate(batches):
-                inputs = pending.result()
-                pending = pool.submit(make_inputs, batches[j + 1]) if j + 1 < len(batches) else None
-                tf = time.perf_counter()
-                pooled = backbone.forward(inputs, layers)
-                if cuda:
-                    torch.cuda.synchronize()
-                stats["forward_seconds"] += time.perf_counter() - tf
-                rows[b[0] - lo : b[-1] - lo + 1] = pooled.to("cpu", torch.float16).numpy()
-                bar.update(len(b))
+            raw = make_inputs.raw(ids)
+            lengths = backbone.token_lengths(raw)
+            left = list(range(len(ids)))  # positions in this chunk not yet written
+            while left:  # one plan per batch size; an out-of-memory halves it and re-plans what is left
+                batches = [[left[p] for p in b] for b in sizer.plan([lengths[p] for p in left])]
+                pending = pool.submit(encode, raw, batches[0])
+                for j, b in enumerate(batches):
+                    inputs = pending.result()
+                    pending = pool.submit(encode, raw, batches[j + 1]) if j + 1 < len(batches) else None
+                    tf = time.perf_counter()
+                    try:
+                        pooled = backbone.forward(inputs, layers)
+                        if cuda:
+                            torch.cuda.synchronize()
+                    except torch.OutOfMemoryError:
+                        if pending is not None:
+                            pending.cancel()
+                        sizer.shrink(len(b))  # raises unless `batch_size: auto`
+                        break
+                    stats["forward_seconds"] += time.perf_counter() - tf
+                    rows[[ids[p] - lo for p in b]] = pooled.to("cpu", torch.float16).numpy()
+                    done = set(b)
+                    left = [p for p in left if p not in done]
+                    real_tokens += sum(lengths[p] for p in b)
+                    padded_tokens += len(b) * max(lengths[p] for p in b)
+                    passes += 1
+                    bar.update(len(b))
             writer.write_chunk(c, rows)
             stats["chunks_done_now"] += 1
             stats["items"] += len(ids)
     stats["seconds"] = time.perf_counter() - t0
-    stats["items_per_s"] = stats["items"] / max(stats["seconds"], 1e-9)
-    stats["outside_forward_share"] = 1 - stats["forward_seconds"] / max(stats["seconds"], 1e-9)
+    items = max(stats["items"], 1)
+    stats.update(
+        items_per_s=stats["items"] / max(stats["seconds"], 1e-9),
+        forward_share=stats["forward_seconds"] / max(stats["seconds"], 1e-9),
+        padding_share=1 - real_tokens / max(padded_tokens, 1),
+        passes=passes,
+        mean_batch_items=stats["items"] / max(passes, 1),
+        batch_size=sizer.max_items,
+        tokens_per_batch=sizer.max_tokens,
+        peak_memory_kind=peak.kind,
+        peak_memory_bytes=peak.peak_bytes,
+        peak_memory_above_baseline_bytes=peak.peak_bytes - (0 if cuda else baseline),
+        streamed_weight_bytes_per_pass=streamed,
+        streamed_weight_bytes_per_item=streamed * passes / items,
+    )
+    stats["outside_forward_share"] = 1 - stats["forward_share"]
     log.info(
-        "extracted %d items in %.1fs (%.0f items/s, %.1f%% outside the forward)",
+        "extracted %d items in %.1fs: %.0f items/s, forward %.0f%% of the time, padding %.1f%% of tokens, "
+        "%d passes of up to %d items%s, peak %s %s above baseline%s",
         stats["items"],
         stats["seconds"],
         stats["items_per_s"],
-        100 * stats["outside_forward_share"],
+        100 * stats["forward_share"],
+        100 * stats["padding_share"],
+        passes,
+        sizer.max_items,
+        f" / {sizer.max_tokens} tokens" if sizer.max_tokens else "",
+        peak.kind,
+        human_bytes(stats["peak_memory_above_baseline_bytes"]),
+        f", {human_bytes(stats['streamed_weight_bytes_per_item'])} of weights streamed per item" if streamed else "",
     )
     return stats
+
+
+class BatchSizer:
+    """The batch limits of one extraction: ``batch_size`` items (``auto``: start at
+    1024 on an accelerator and halve on out-of-memory, keeping the smaller size) and
+    an optional ``tokens_per_batch`` budget (on CPU, ``auto`` means a budget)."""
+
+    def __init__(self, spec: BackboneSpec, device: torch.device):
+        self.auto = spec.batch_size == "auto"
+        self.max_tokens = spec.tokens_per_batch
+        if not self.auto:
+            self.max_items = spec.batch_size
+        elif device.type == "cpu":
+            self.max_items, self.max_tokens = AUTO_START_ITEMS, self.max_tokens or AUTO_CPU_TOKENS
+        else:
+            self.max_items = AUTO_START_ITEMS
+        if self.auto:
+            log.info("batch_size auto: starting at %d items%s", self.max_items,
+                     f", {self.max_tokens} tokens" if self.max_tokens else "")  # fmt: skip
+
+    def plan(self, lengths: list[int]) -> list[list[int]]:
+        return batching.plan(lengths, self.max_items, self.max_tokens)
+
+    def shrink(self, failed_items: int) -> None:
+        """After an out-of-memory on a batch of ``failed_items``: halve, or explain."""
+        if not self.auto or failed_items <= 1:
+            raise ExtractionError(
+                f"out of accelerator memory on a forward pass of {failed_items} item(s)",
+                "set the backbone's `batch_size: auto` (or a smaller `batch_size` / `tokens_per_batch`); "
+                "if one item does not fit, give the weights less GPU room in `max_memory`",
+            )
+        self.max_items = max(1, failed_items // 2)
+        if self.max_tokens:
+            self.max_tokens = max(1, self.max_tokens // 2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("out of memory at %d items per pass: batch_size auto now uses %d", failed_items, self.max_items)
 
 
 def finish(store, done_file, stats: dict | None = None) -> dict:

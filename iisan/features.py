@@ -19,7 +19,8 @@ class CachedFeatures:
         for modality, store in stores.items():
             if store is None:
                 continue
-            tensor, attrs = cache.load(store, device, expect=cache.expected_for(data, modality))
+            field = cache.verify(store).get("field", "title" if modality == "text" else "image")
+            tensor, attrs = cache.load(store, device, expect=cache.expected_for(data, field))
             self.tensors[modality], self.attrs[modality] = tensor, {**attrs, "store": str(store)}
 
     def __call__(self, ids):

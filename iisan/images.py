@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def _safe_loads(data: bytes):
 
 
 class ImageSource:
-    """Looks up item images by ASIN in a folder or an LMDB (read-only)."""
+    """Looks up item images by ASIN (or item id) in a folder, a zip or an LMDB (read-only)."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -52,14 +53,21 @@ class ImageSource:
                 "image folder/LMDB not found",
                 "set `images` to an existing folder of {ASIN}.jpg or an LMDB, or to null for text-only data",
             )
-        self._is_lmdb = self.path.is_file() or (self.path / "data.mdb").is_file()
+        self._zip = zipfile.ZipFile(self.path) if zipfile.is_zipfile(self.path) else None
+        self._is_lmdb = self._zip is None and (self.path.is_file() or (self.path / "data.mdb").is_file())
         self._env = None
         if self._is_lmdb:
             self._lmdb()  # a file that is not an LMDB is refused here, before any work
+        # a zip (MicroLens ships its covers as one): image entries by file stem, wherever they sit in it
+        self._members = (
+            {Path(n).stem: n for n in self._zip.namelist() if Path(n).suffix.lower() in FOLDER_SUFFIXES}
+            if self._zip
+            else None
+        )
 
     @property
     def kind(self) -> str:
-        return "lmdb" if self._is_lmdb else "folder"
+        return "zip" if self._zip else "lmdb" if self._is_lmdb else "folder"
 
     def _lmdb(self):
         if self._env is None:
@@ -79,6 +87,8 @@ class ImageSource:
 
     def locate(self, asin: str) -> str | None:
         """A key that ``load`` accepts, or None if the image is missing."""
+        if self._members is not None:
+            return self._members.get(asin)
         if self._is_lmdb:
             with self._lmdb().begin() as txn:  # keys are UTF-8 bytes (ASCII for Amazon ASINs)
                 return asin if txn.get(asin.encode("utf-8")) is not None else None
@@ -107,6 +117,9 @@ class ImageSource:
                 ) from e
         p = self.path / key
         try:
+            if self._zip is not None:
+                with self._zip.open(key) as f, Image.open(io.BytesIO(f.read())) as im:
+                    return im.convert("RGB")
             with Image.open(p) as im:
                 return im.convert("RGB")
         except (UnidentifiedImageError, OSError, SyntaxError) as e:

@@ -16,10 +16,11 @@ from iisan.data import PreparedData
 
 
 class ItemInputs:
-    """Turns item ids into model inputs (titles or decoded images)."""
+    """Turns item ids into model inputs (titles, another text field, or decoded images)."""
 
-    def __init__(self, data: PreparedData, backbone: Backbone):
+    def __init__(self, data: PreparedData, backbone: Backbone, texts: list[str] | None = None):
         self.data, self.backbone = data, backbone
+        self.texts = texts or data.titles  # another text field (captions) indexed by item id
         self.images = data.image_source() if backbone.spec.modality == "image" else None
         if self.images is not None:
             s = backbone.image_size or 224
@@ -28,7 +29,7 @@ class ItemInputs:
     def raw(self, ids: list[int]) -> list:
         """Titles, or PIL images (a blank one where the item has none)."""
         if self.images is None:
-            return [self.data.titles[i] for i in ids]
+            return [self.texts[i] for i in ids]
         return [self.images.load(self.data.image_keys[i]) if self.data.image_keys[i] else self.blank for i in ids]
 
     def __call__(self, ids: list[int]) -> dict:

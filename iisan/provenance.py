@@ -22,6 +22,7 @@ _PKG = Path(__file__).resolve().parent
 STAGES = {
     "prepare": ("iisan.data", "iisan.synth"),
     "backbones": ("iisan.tiny",),
+    "caption": ("iisan.caption",),
     "extract": ("iisan.extract",),
     "train": ("iisan.train",),
     "aggregate": ("iisan.aggregate",),

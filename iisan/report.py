@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 ALPHA = 0.05  # significance level of the `*` marks
 TABLES = (("main", "Main comparison", ("main", "baseline")), ("scaling", "Scaling by text encoder", ("scaling",)),
-          ("ablation", "Ablations", ("ablation",)))  # fmt: skip
+          ("ablation", "Ablations", ("ablation",)),
+          ("multimodal_text", "Multimodal text: titles and generated captions", ("multimodal_text",)))  # fmt: skip
 
 
 def _load(results: Path, experiments: dict) -> tuple[list[dict], list[str]]:

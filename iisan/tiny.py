@@ -21,7 +21,13 @@ from iisan.outputs import output_folder
 
 log = logging.getLogger(__name__)
 
-TINY = ("tiny-bert", "tiny-vit", "tiny-llama", "tiny-llama-gptq")
+TINY = ("tiny-bert", "tiny-vit", "tiny-llama", "tiny-llama-gptq", "tiny-llava")
+# a LLaVA-style chat template: the processor expands each <image> into the vision tokens
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 
 
 def _tokenizer():
@@ -86,6 +92,40 @@ def _build(kind: str, out: Path, seed: int, source: Path | None) -> None:
         _tokenizer().save_pretrained(out)
     elif kind == "tiny-llama-gptq":
         _quantize(source, out)
+    elif kind == "tiny-llava":
+        _llava(out)
+
+
+def _llava(out: Path) -> None:
+    """A LLaVA (CLIP vision tower, Llama language model) with its processor: loads
+    through AutoProcessor and AutoModelForImageTextToText like llava-hf checkpoints."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = _tokenizer()
+    tok.init_kwargs.pop("max_length", None)  # MiniLM's saved max_length=128 would truncate prompts
+    tok.model_max_length = 512
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)  # fmt: skip
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                       initializer_range=0.2)  # fmt: skip
+    image_token = tok.convert_tokens_to_ids("<image>")
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token, image_seq_length=16,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")  # fmt: skip
+    LlavaForConditionalGeneration(cfg).save_pretrained(out)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    # as llava-hf's: the CLS feature is dropped ("default") and counted in the image tokens (+1)
+    LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE).save_pretrained(out)  # fmt: skip
 
 
 def _quantize(source: Path, out: Path) -> None:

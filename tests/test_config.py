@@ -72,6 +72,12 @@ def test_schema_keys_equal_the_dataclass_fields():
     }
     backbone = set(s["properties"]["backbones"]["additionalProperties"]["properties"])
     assert backbone == {f.name for f in dataclasses.fields(BackboneSpec)} | set(PIPELINE_ONLY)
+    from iisan.caption import CaptionSpec
+
+    captioner = s["$defs"]["captioner"]["properties"]
+    assert set(captioner) == {f.name for f in dataclasses.fields(CaptionSpec)} | {"tiny"}
+    for f in dataclasses.fields(CaptionSpec):  # model is required; the prompt's default depends on the source
+        assert f.name in ("model", "prompt") or captioner[f.name]["default"] == f.default, f.name
     # and the defaults agree
     train_defaults = {k: v["default"] for k, v in s["$defs"]["train"]["properties"].items()}
     peft_defaults = train_defaults.pop("peft")

@@ -6,13 +6,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from iisan import cache
 from iisan.backbones import Backbone, BackboneSpec
 from iisan.data import PreparedData
-from iisan.errors import CacheMismatchError, DataError, ModelLoadError
+from iisan.errors import CacheMismatchError, DataError, ExtractionError, ModelLoadError
 from iisan.extract import extract, finish
 
 
@@ -42,6 +44,41 @@ def test_mean_pooling_ignores_padding_and_cls_takes_token_zero(tiny):
     x = bert.encode_inputs(titles)
     hs = bert.model(**x, output_hidden_states=True).hidden_states
     assert torch.allclose(bert.forward(x, [0, 6])[:, 1], hs[6][:, 0])
+
+
+TITLES = ["a", "steel beaker 250 ml", "a glass pipette with a long name and many words to pad the batch out", "red"]
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_hook_pooling_is_bit_identical_to_all_hidden_states(tiny, tmp_path, offload):
+    """Taps pooled by forward hooks equal transformers' hidden_states pooled afterwards,
+    bit for bit: CLS (BERT, ViT: no final-norm tie) and masked mean (Llama, GPTQ: the
+    last tap is after the final norm), any layer subset, and with weights on disk."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    kinds = ["tiny-llama", "tiny-llama-gptq"] if offload else list(tiny)
+    for kind in kinds:
+        kw = dict(device_map="auto", max_memory={"cpu": "1MB"}, offload_folder=str(tmp_path / kind)) if offload else {}
+        b = Backbone(_spec(tiny, kind, **kw))
+        assert not offload or "disk" in set(b.model.hf_device_map.values())
+        x = b.encode_inputs(images if kind == "tiny-vit" else TITLES)
+        n = b.info["n_layers"]
+        for layers in (list(range(n + 1)), [0, n // 2, n], [n], [1]):
+            hooked = b.forward(x, layers)
+            assert hooked.shape == (len(x[next(iter(x))]), len(layers), b.info["hidden"])
+            assert torch.equal(hooked, b.forward_hidden_states(x, layers)), (kind, layers)
+        assert torch.equal(b.forward(x, [n], grad=True).detach(), b.forward_hidden_states(x, [n]))  # embedded path
+
+
+def test_batch_plan_sorts_by_length_under_item_and_token_caps():
+    from iisan.batching import padded_tokens, plan
+
+    lengths = [5, 1, 3, 3, 2]
+    assert plan(lengths, max_items=2) == [[1, 4], [2, 3], [0]]  # stable: equal lengths keep item order
+    assert plan(lengths, max_items=9, max_tokens=6) == [[1, 4], [2, 3], [0]]  # 3 items x 3 tokens > 6
+    assert plan(lengths, max_items=9, max_tokens=5) == [[1, 4], [2], [3], [0]]
+    assert plan([7], max_items=4, max_tokens=3) == [[0]]  # longer than the budget: alone
+    assert padded_tokens(lengths, [[1, 4], [2, 3], [0]]) == (14, 2 * 2 + 2 * 3 + 5)
 
 
 def test_missing_model_is_a_clear_error():
@@ -82,6 +119,72 @@ def test_gptq_with_disk_offload_matches_cpu_only_load(tiny, small_demo, tmp_path
     o, _ = cache.load(offl)
     assert attrs["layers"] == [0, 4, 8, 12, 16, 20, 24] and attrs["quantization"] == "gptq"
     assert torch.equal(a, o)
+    stats = extract(data_dir, spec, {"n": 6}, tmp_path / "offload2.zarr", chunk_items=128)
+    assert stats["streamed_weight_bytes_per_pass"] > 1e6  # the disk-offloaded layers' 4-bit weights
+    assert stats["streamed_weight_bytes_per_item"] == pytest.approx(
+        stats["streamed_weight_bytes_per_pass"] * stats["passes"] / stats["items"]
+    )
+
+
+def test_length_sorted_batches_scatter_back_to_item_order(tiny, small_demo, tmp_path):
+    """Batches sorted by length land in the right rows: equal to one item per pass up to
+    float32 rounding (a batch's shape changes the matmul blocking, never more), the same
+    bytes on a rerun, and with less padding than batches in item order."""
+    _, data_dir = small_demo
+    data = PreparedData.load(data_dir)
+    runs = {}
+    for name, kw in {"one": dict(batch_size=1), "sorted": dict(batch_size=64), "again": dict(batch_size=64),
+                     "budget": dict(batch_size=512, tokens_per_batch=300)}.items():  # fmt: skip
+        stats = extract(data_dir, _spec(tiny, "tiny-llama", **kw), {"n": 6}, tmp_path / f"{name}.zarr", chunk_items=128)
+        runs[name] = (cache.load(tmp_path / f"{name}.zarr")[0].float(), stats)
+    one = runs["one"][0]
+    scale = one.abs().amax(dim=(0, 2), keepdim=True)  # per layer
+    for name in ("sorted", "budget"):
+        assert ((runs[name][0] - one).abs() / scale).max() < 2e-3, name
+    assert torch.equal(runs["sorted"][0], runs["again"][0])
+    s = runs["sorted"][1]
+    assert runs["one"][1]["padding_share"] == 0 and runs["one"][1]["passes"] == data.n_items
+    tok = Backbone(_spec(tiny, "tiny-llama")).processor
+    lengths = [len(tok(t, truncation=True, max_length=30)["input_ids"]) for t in data.titles[1:]]
+    chunks = [lengths[max(lo, 1) - 1 : lo + 127] for lo in range(0, len(lengths) + 1, 128)]  # item ids lo..lo+127
+    in_order = [c[i : i + 64] for c in chunks for i in range(0, len(c), 64)]
+    unsorted_share = 1 - sum(lengths) / sum(len(b) * max(b) for b in in_order)
+    assert 0 < s["padding_share"] < unsorted_share
+    assert s["batch_size"] == 64 and s["tokens_per_batch"] is None
+    assert s["mean_batch_items"] == data.n_items / s["passes"]
+    b = runs["budget"][1]
+    assert b["tokens_per_batch"] == 300 and b["padding_share"] < s["padding_share"]
+    for key in ("items_per_s", "forward_share", "peak_memory_bytes", "peak_memory_above_baseline_bytes"):
+        assert s[key] > 0, key
+    assert s["peak_memory_kind"] == "cpu_peak_rss" and s["streamed_weight_bytes_per_item"] == 0
+
+
+def test_batch_size_auto_halves_on_out_of_memory_and_keeps_it(tiny, small_demo, tmp_path, monkeypatch, caplog):
+    _, data_dir = small_demo
+    forward, sizes = Backbone.forward, []
+
+    def small_memory(self, inputs, layers, grad=False):
+        n = len(inputs["input_ids"])
+        sizes.append(n)
+        if n > 40:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, inputs, layers, grad)
+
+    monkeypatch.setattr(Backbone, "forward", small_memory)
+    caplog.set_level("INFO", logger="iisan.extract")
+    stats = extract(data_dir, _spec(tiny, "tiny-bert", batch_size="auto"), {}, tmp_path / "auto.zarr", chunk_items=128)
+    # chunk 0 holds items 1..127; halved twice, then kept for every later chunk
+    assert sizes[:3] == [127, 63, 31] and max(sizes[3:]) <= 31
+    assert stats["batch_size"] == 31 and stats["tokens_per_batch"] == 8192 // 4
+    assert "out of memory at 63 items per pass: batch_size auto now uses 31" in caplog.text
+    monkeypatch.setattr(Backbone, "forward", forward)
+    fixed = tmp_path / "fixed.zarr"
+    extract(data_dir, _spec(tiny, "tiny-bert", batch_size=31), {}, fixed, chunk_items=128)
+    assert torch.equal(cache.load(tmp_path / "auto.zarr")[0], cache.load(fixed)[0])  # same passes, same bytes
+    monkeypatch.setattr(Backbone, "forward", small_memory)
+    msg = r"out of accelerator memory on a forward pass of 64 item\(s\)\n  fix: .*batch_size: auto"
+    with pytest.raises(ExtractionError, match=msg):
+        extract(data_dir, _spec(tiny, "tiny-bert", batch_size=64), {}, tmp_path / "f.zarr", chunk_items=128)
 
 
 def _cli(*args, **kw):

@@ -102,6 +102,10 @@ def test_demo_dag_produces_report_tables_and_plots(demo_run, scenario):
         assert (rep / f).is_file() and (rep / f).stat().st_size > 0, f
     assert "IISAN-VS (tiny BERT+ViT)" in (rep / "main.md").read_text()
     assert "tiny-llama-gptq/even6" in (rep / "storage.md").read_text()
+    # what bounds extraction is recorded with the cache (the GPTQ model is offloaded to disk)
+    stats = json.loads((wd / "results/demo/cache/tiny-llama-gptq/even6.done").read_text())["stats"]
+    assert stats["items_per_s"] > 0 and 0 <= stats["padding_share"] < 0.5 and stats["batch_size"] == 64
+    assert stats["streamed_weight_bytes_per_item"] > 0 and stats["peak_memory_kind"] == "cpu_peak_rss"
     for exp in TARGET:
         for f in ("metrics.json", "efficiency.json"):
             assert (wd / "results/demo" / exp / f).is_file()
@@ -274,3 +278,44 @@ def test_recommendations_are_a_target_built_without_retraining(demo_run):
     assert (
         lines[0].split("\t") == ["user", "rank", "item_id", "asin", "score", "title"] and len(lines) == 1 + 10 * n_users
     )
+
+
+ML_SCENARIO = ".test/microlens-small/config.yaml"
+
+
+@pytest.fixture(scope="module")
+def microlens_run(tmp_path_factory):
+    """The multimodal-text scenario run through the DAG: synth (MicroLens layout) ->
+    prepare -> caption (tiny LLaVA) -> extract -> train -> report."""
+    wd = tmp_path_factory.mktemp("wf-microlens")
+    for item in ("Snakefile", "config.yaml", "workflow", "iisan", "envs", ".test"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, wd / item)
+    snakemake(wd, "--cores", "2", scenario=ML_SCENARIO)
+    return wd
+
+
+def test_multimodal_text_runs_caption_to_report(microlens_run):
+    from iisan import cache
+
+    wd = microlens_run
+    experiments = yaml.safe_load((REPO / ML_SCENARIO).read_text())["targets"]["multimodal_text_demo"]["experiments"]
+    for source in ("cover", "video"):
+        meta = json.loads((wd / f"results/microlens_demo/captions/{source}/captions.json").read_text())
+        assert meta["n_items"] == 150 and meta["decoding"] == "greedy" and meta["model"].endswith("tiny-llava")
+    attrs = cache.verify(wd / "results/microlens_demo/cache/tiny-bert/video_caption-evenhalf.zarr")
+    assert attrs["field"] == "video_caption"
+    table = (wd / "results/report/multimodal_text_demo/multimodal_text.md").read_text()
+    for label in ("Title", "Cover caption", "Title-Video caption", "Video-Cover caption", "Title x2"):
+        assert f"| {label} |" in table, table
+    assert len([e for e in experiments if e != "popularity"]) == len(table.split("| microlens_demo |")) - 1
+
+
+def test_changed_caption_prompt_reruns_captioning_and_its_dependants_only(microlens_run):
+    wd = microlens_run
+    assert job_counts(snakemake(wd, "-n", "--cores", "1", scenario=ML_SCENARIO)) == {}
+    prompt = {"datasets": {"microlens_demo": {"captions": {"cover": {"prompt": "Name the main colour."}}}}}
+    out = snakemake(wd, "-n", "--cores", "1", scenario=ML_SCENARIO, overlays=[overlay(wd, "prompt.yaml", prompt)])
+    # the cover captions, the one cache of them, the two experiments reading it, the report
+    assert job_counts(out) == {"caption": 1, "extract_shard": 1, "cache_verify": 1, "train": 2, "report": 1, "all": 1}
+    assert "results/microlens_demo/captions/cover" in out and "mt_cover_tiny" in out and "mt_video_cover_tiny" in out

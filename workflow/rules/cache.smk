@@ -5,6 +5,7 @@
 
 rule cache_init:
     input:
+        unpack(get_caption_inputs),
         data="results/{ds}/data",
         backbone=get_backbone_inputs,
     output:
@@ -13,6 +14,7 @@ rule cache_init:
         spec=lambda wc: backbone_json(wc.backbone),
         layers=layers_for,
         chunk=config["extract"]["chunk_items"],
+        captions=captions_flag,
         code=code_hash("extract"),
     conda:
         "../../envs/iisan.yaml"
@@ -23,11 +25,12 @@ rule cache_init:
     shell:
         "iisan --log {log} extract --data {input.data} --backbone {params.spec:q} --layers {params.layers:q} "
         "--store results/{wildcards.ds}/cache/{wildcards.backbone}/{wildcards.tag}.zarr "
-        "--chunk-items {params.chunk} --on-mismatch rebuild --init-only"
+        "--chunk-items {params.chunk} --on-mismatch rebuild --init-only {params.captions}"
 
 
 rule extract_shard:
     input:
+        unpack(get_caption_inputs),
         data="results/{ds}/data",
         backbone=get_backbone_inputs,
         init=get_store_init,
@@ -37,6 +40,7 @@ rule extract_shard:
         spec=lambda wc: backbone_json(wc.backbone),
         layers=layers_for,
         chunk=config["extract"]["chunk_items"],
+        captions=captions_flag,
         # a single job may rebuild a stale store; shards of a split store never delete it
         mismatch=lambda wc: "rebuild" if int(wc.n) == 1 else "error",
         code=code_hash("extract"),
@@ -52,7 +56,7 @@ rule extract_shard:
         "iisan --log {log} extract --data {input.data} --backbone {params.spec:q} --layers {params.layers:q} "
         "--store results/{wildcards.ds}/cache/{wildcards.backbone}/{wildcards.tag}.zarr "
         "--chunk-items {params.chunk} --shard {wildcards.shard} --nshards {wildcards.n} "
-        "--on-mismatch {params.mismatch} --done {output}"
+        "--on-mismatch {params.mismatch} --done {output} {params.captions}"
 
 
 rule cache_verify:
@@ -68,4 +72,4 @@ rule cache_verify:
         "results/benchmarks/{ds}/cache/{backbone}/{tag}.verify.tsv"
     shell:
         "iisan --log {log} cache-verify --store results/{wildcards.ds}/cache/{wildcards.backbone}/{wildcards.tag}.zarr "
-        "--done {output}"
+        "--done {output} {input}"

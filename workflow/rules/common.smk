@@ -22,12 +22,25 @@ def get_final_output():
     return [f"results/report/{config['default_target']}/summary.json"]
 
 
+def raw_format(ds):
+    d = config["datasets"][ds]
+    return d["synth"]["format"] if "synth" in d else d["format"]
+
+
 def raw_files(ds):
     d = config["datasets"][ds]
-    if "synth" in d:
-        root = f"results/{ds}/raw"
-        return {"items": f"{root}/{ds}_items.tsv", "users": f"{root}/am_{ds}_users.tsv", "images": f"{root}/images"}
-    return {"items": d["items"], "users": d["users"], "images": d["images"]}
+    if "synth" not in d:
+        return {"items": d["items"], "users": d["users"], "images": d["images"], "frames": d["frames"]}
+    root = f"results/{ds}/raw"
+    if raw_format(ds) == "microlens":  # the layout iisan.microlens.synthesize_microlens writes
+        return {"items": f"{root}/MicroLens-100k_title_en.csv", "users": f"{root}/MicroLens-100k_pairs.tsv",
+                "images": f"{root}/MicroLens-100k_covers.zip", "frames": f"{root}/MicroLens-100k_frames.zip"}
+    return {"items": f"{root}/{ds}_items.tsv", "users": f"{root}/am_{ds}_users.tsv", "images": f"{root}/images",
+            "frames": None}
+
+
+def synth_names(fmt):
+    return names_regex([ds for ds, d in config["datasets"].items() if "synth" in d and raw_format(ds) == fmt])
 
 
 def get_raw_inputs(wildcards):
@@ -38,7 +51,7 @@ def get_raw_inputs(wildcards):
 def get_prepare_settings(wildcards):
     """Only what preparation reads: a dataset's `train` settings must not rerun it."""
     d = config["datasets"][wildcards.ds]
-    return {k: d[k] for k in ("missing_images", "encoding", "min_seq_len", "max_seq_len")}
+    return {**{k: d[k] for k in ("missing_images", "encoding", "min_seq_len", "max_seq_len")}, "format": raw_format(wildcards.ds)}
 
 
 def images_flag(wildcards):
@@ -60,18 +73,66 @@ def backbone_json(name):
     return json.dumps(b, sort_keys=True)
 
 
+def tower_tag(tower):
+    """A cache's name: the layer spec's tag, after the caption field it reads if any."""
+    field = tower["field"]
+    return spec_tag(tower["layers"]) if field in ("title", "image") else f"{field}-{spec_tag(tower['layers'])}"
+
+
 def cache_path(ds, tower, suffix):
-    return f"results/{ds}/cache/{tower['backbone']}/{spec_tag(tower['layers'])}{suffix}"
+    return f"results/{ds}/cache/{tower['backbone']}/{tower_tag(tower)}{suffix}"
 
 
-def layers_for(wildcards):
-    """The layer spec whose tag is in the path (any experiment using it gives the same spec)."""
+def tower_for(wildcards):
+    """A tower whose cache this is (any experiment using it gives the same spec and field)."""
     for exp in config["experiments"].values():
         for tower in ("text", "image"):
             t = exp.get(tower)
-            if t and t["backbone"] == wildcards.backbone and spec_tag(t["layers"]) == wildcards.tag:
-                return json.dumps(t["layers"], sort_keys=True)
-    raise ValueError(f"no experiment selects layers {wildcards.tag!r} of backbone {wildcards.backbone!r}")
+            if t and t["backbone"] == wildcards.backbone and tower_tag(t) == wildcards.tag:
+                return t
+    raise ValueError(f"no experiment reads cache {wildcards.tag!r} of backbone {wildcards.backbone!r}")
+
+
+def layers_for(wildcards):
+    return json.dumps(tower_for(wildcards)["layers"], sort_keys=True)
+
+
+def caption_source(wildcards):
+    field = tower_for(wildcards)["field"]
+    return field.removesuffix("_caption") if field.endswith("_caption") else None
+
+
+def get_caption_inputs(wildcards):
+    source = caption_source(wildcards)
+    return {"captions": f"results/{wildcards.ds}/captions/{source}"} if source else {}
+
+
+def captions_flag(wildcards):
+    source = caption_source(wildcards)
+    return f"--captions results/{wildcards.ds}/captions/{source}" if source else ""
+
+
+def captioner_json(ds, source):
+    c = {k: v for k, v in config["datasets"][ds]["captions"][source].items() if k != "tiny"}
+    if c.get("max_memory"):
+        c["max_memory"] = {str(k): v for k, v in c["max_memory"].items()}
+    return json.dumps(c, sort_keys=True)
+
+
+def get_captioner_inputs(wildcards):
+    c = config["datasets"][wildcards.ds]["captions"][wildcards.source]
+    return [f"results/backbones/{Path(c['model']).name}/iisan-tiny.json"] if c.get("tiny") else []
+
+
+def frames_flag(wildcards):
+    frames = raw_files(wildcards.ds)["frames"]
+    return f"--frames {shlex.quote(frames)}" if wildcards.source == "video" and frames else ""
+
+
+def get_frames_listing(wildcards):
+    """User-provided frames are not a job output: Snakemake sees changes through this param."""
+    d = config["datasets"][wildcards.ds]
+    return listing_fingerprint(d["frames"]) if wildcards.source == "video" and "synth" not in d and d["frames"] else None
 
 
 def tiny_stamp(backbone):

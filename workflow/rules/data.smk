@@ -1,4 +1,6 @@
 rule synth:
+    wildcard_constraints:
+        ds=synth_names("amazon"),
     output:
         titles="results/{ds}/raw/{ds}_items.tsv",
         sequences="results/{ds}/raw/am_{ds}_users.tsv",
@@ -14,6 +16,29 @@ rule synth:
         "results/benchmarks/{ds}/synth.tsv"
     shell:
         "iisan --log {log} synth --name {wildcards.ds} --out results/{wildcards.ds}/raw --items {params.synth[items]} "
+        "--users {params.synth[users]} --seed {params.synth[seed]} --image-size {params.synth[image_size]}"
+
+
+rule synth_microlens:
+    wildcard_constraints:
+        ds=synth_names("microlens"),
+    output:
+        titles="results/{ds}/raw/MicroLens-100k_title_en.csv",
+        pairs="results/{ds}/raw/MicroLens-100k_pairs.tsv",
+        pairs_csv="results/{ds}/raw/MicroLens-100k_pairs.csv",
+        covers="results/{ds}/raw/MicroLens-100k_covers.zip",
+        frames="results/{ds}/raw/MicroLens-100k_frames.zip",
+    params:
+        synth=lambda wc: config["datasets"][wc.ds]["synth"],
+        code=code_hash("prepare"),
+    conda:
+        "../../envs/iisan.yaml"
+    log:
+        "results/logs/{ds}/synth.log",
+    benchmark:
+        "results/benchmarks/{ds}/synth.tsv"
+    shell:
+        "iisan --log {log} synth --format microlens --out results/{wildcards.ds}/raw --items {params.synth[items]} "
         "--users {params.synth[users]} --seed {params.synth[seed]} --image-size {params.synth[image_size]}"
 
 
@@ -36,7 +61,8 @@ rule prepare:
     shell:
         "iisan --log {log} prepare --items {input.items_tsv:q} --users {input.users_tsv:q} {params.images} "
         "--missing-images {params.ds[missing_images]} --encoding {params.ds[encoding]} "
-        "--min-seq-len {params.ds[min_seq_len]} --max-seq-len {params.ds[max_seq_len]} --out {output}"
+        "--min-seq-len {params.ds[min_seq_len]} --max-seq-len {params.ds[max_seq_len]} --format {params.ds[format]} "
+        "--out {output}"
 
 
 rule build_tiny:

@@ -1,0 +1,31 @@
+# Captions from a frozen vision-language model (multimodal text): one table per dataset and
+# source (cover, video), before extraction. The chunked progress lives beside the output in
+# {out}.parts (not a declared output, so a killed job resumes); a changed prompt, model or
+# generation setting is a changed param, so captioning and what reads it rerun.
+
+
+rule caption:
+    input:
+        data="results/{ds}/data",
+        captioner=get_captioner_inputs,
+        frames=lambda wc: [raw_files(wc.ds)["frames"]] if wc.source == "video" and "synth" in config["datasets"][wc.ds] else [],
+    output:
+        directory("results/{ds}/captions/{source}"),
+    wildcard_constraints:
+        source="cover|video",
+    params:
+        captioner=lambda wc: captioner_json(wc.ds, wc.source),
+        frames=frames_flag,
+        listing=get_frames_listing,
+        code=code_hash("caption"),
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/iisan.yaml"
+    log:
+        "results/logs/{ds}/caption/{source}.log",
+    benchmark:
+        "results/benchmarks/{ds}/caption/{source}.tsv"
+    shell:
+        "iisan --log {log} caption --data {input.data} --captioner {params.captioner:q} --source {wildcards.source} "
+        "{params.frames} --out {output}"
