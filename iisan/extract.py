@@ -12,14 +12,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from iisan import batching, cache
+from iisan import cache
 from iisan.backbones import Backbone, BackboneSpec, load_processor, model_info, processor_image_size
-from iisan.batching import AUTO_CPU_TOKENS, AUTO_START_ITEMS
+from iisan.batching import BatchSizer
 from iisan.cache import human_bytes
 from iisan.caption_table import read_captions
 from iisan.data import PreparedData
 from iisan.efficiency import PeakMemory
-from iisan.errors import ConfigError, DataError, ExtractionError
+from iisan.errors import ConfigError, DataError
 from iisan.item_inputs import ItemInputs
 from iisan.layerdrop import select_layers
 from iisan.provenance import code_hash
@@ -191,43 +191,6 @@ def extract(
         f", {human_bytes(stats['streamed_weight_bytes_per_item'])} of weights streamed per item" if streamed else "",
     )
     return stats
-
-
-class BatchSizer:
-    """The batch limits of one extraction: ``batch_size`` items (``auto``: start at
-    1024 on an accelerator and halve on out-of-memory, keeping the smaller size) and
-    an optional ``tokens_per_batch`` budget (on CPU, ``auto`` means a budget)."""
-
-    def __init__(self, spec: BackboneSpec, device: torch.device):
-        self.auto = spec.batch_size == "auto"
-        self.max_tokens = spec.tokens_per_batch
-        if not self.auto:
-            self.max_items = spec.batch_size
-        elif device.type == "cpu":
-            self.max_items, self.max_tokens = AUTO_START_ITEMS, self.max_tokens or AUTO_CPU_TOKENS
-        else:
-            self.max_items = AUTO_START_ITEMS
-        if self.auto:
-            log.info("batch_size auto: starting at %d items%s", self.max_items,
-                     f", {self.max_tokens} tokens" if self.max_tokens else "")  # fmt: skip
-
-    def plan(self, lengths: list[int]) -> list[list[int]]:
-        return batching.plan(lengths, self.max_items, self.max_tokens)
-
-    def shrink(self, failed_items: int) -> None:
-        """After an out-of-memory on a batch of ``failed_items``: halve, or explain."""
-        if not self.auto or failed_items <= 1:
-            raise ExtractionError(
-                f"out of accelerator memory on a forward pass of {failed_items} item(s)",
-                "set the backbone's `batch_size: auto` (or a smaller `batch_size` / `tokens_per_batch`); "
-                "if one item does not fit, give the weights less GPU room in `max_memory`",
-            )
-        self.max_items = max(1, failed_items // 2)
-        if self.max_tokens:
-            self.max_tokens = max(1, self.max_tokens // 2)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        log.warning("out of memory at %d items per pass: batch_size auto now uses %d", failed_items, self.max_items)
 
 
 def finish(store, done_file, stats: dict | None = None) -> dict:

@@ -171,7 +171,7 @@ def test_batch_size_auto_halves_on_out_of_memory_and_keeps_it(tiny, small_demo, 
         return forward(self, inputs, layers, grad)
 
     monkeypatch.setattr(Backbone, "forward", small_memory)
-    caplog.set_level("INFO", logger="iisan.extract")
+    caplog.set_level("INFO", logger="iisan.batching")
     stats = extract(data_dir, _spec(tiny, "tiny-bert", batch_size="auto"), {}, tmp_path / "auto.zarr", chunk_items=128)
     # chunk 0 holds items 1..127; halved twice, then kept for every later chunk
     assert sizes[:3] == [127, 63, 31] and max(sizes[3:]) <= 31

@@ -103,7 +103,7 @@ def test_demo_dag_produces_report_tables_and_plots(demo_run, scenario):
     assert "IISAN-VS (tiny BERT+ViT)" in (rep / "main.md").read_text()
     assert "tiny-llama-gptq/even6" in (rep / "storage.md").read_text()
     # what bounds extraction is recorded with the cache (the GPTQ model is offloaded to disk)
-    stats = json.loads((wd / "results/demo/cache/tiny-llama-gptq/even6.done").read_text())["stats"]
+    stats = json.loads((wd / "results/demo/cache/tiny-llama-gptq/even6.done").read_text())["stats"]["shards"][0]
     assert stats["items_per_s"] > 0 and 0 <= stats["padding_share"] < 0.5 and stats["batch_size"] == 64
     assert stats["streamed_weight_bytes_per_item"] > 0 and stats["peak_memory_kind"] == "cpu_peak_rss"
     for exp in TARGET:
