@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from iisan.data import PreparedData
 from iisan.device import input_device, resolve_device
 from iisan.errors import ConfigError, DataError, ModelLoadError, OutputError
 from iisan.images import listing_fingerprint
-from iisan.outputs import MARKER, atomic_json, atomic_text, output_folder
+from iisan.outputs import MARKER, atomic_json, atomic_text, check_replaceable, output_folder
 from iisan.provenance import code_hash
 from iisan.rawdata import clean_text
 
@@ -153,36 +154,50 @@ class Captioner:
 
 
 def _parts(out: Path, ident: dict) -> Path:
-    """The resumable parts folder: kept if made under the same settings, else replaced
-    (only if it holds nothing but what iisan wrote there)."""
+    """The resumable parts folder: kept if made under the same settings, else replaced."""
     parts = out.with_name(out.name + ".parts")
-    marker = parts / MARKER
     if parts.exists():
-        try:
-            record = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            raise OutputError(f"{parts} exists and was not made by iisan; refusing to replace it\n"
-                              f"  fix: move {parts} away yourself") from None  # fmt: skip
+        record = _own_parts(parts)
         if record.get("identity") == ident:
             return parts
-        foreign = [p.name for p in parts.iterdir() if p.name != MARKER and not p.name.startswith("chunk-")]
-        if foreign:
-            raise OutputError(f"{parts} holds files iisan did not write ({foreign[:3]}); refusing to replace it\n"
-                              f"  fix: move {parts} away yourself")  # fmt: skip
         changed = sorted(k for k in ident if record.get("identity", {}).get(k) != ident[k])
         log.info("caption settings changed (%s): discarding %s", ", ".join(changed), parts)
         shutil.rmtree(parts)
     parts.mkdir(parents=True)
-    atomic_json(marker, {"kind": "caption-parts", "identity": ident})
+    atomic_json(parts / MARKER, {"kind": "caption-parts", "identity": ident})
     return parts
+
+
+def _own_parts(parts: Path) -> dict:
+    """The marker of a parts folder iisan made and that holds only its chunk files;
+    anything else is refused, so removing it can never take a user's files."""
+    try:
+        record = json.loads((parts / MARKER).read_text())
+    except (OSError, ValueError):
+        record = {}
+    foreign = [p.name for p in parts.iterdir() if p.name != MARKER and not (p.is_file() and _CHUNK.fullmatch(p.name))]
+    if record.get("kind") != "caption-parts" or foreign:
+        raise OutputError(f"{parts} was not made by iisan or holds files it did not write ({foreign[:3]}); "
+                          f"refusing to replace it\n  fix: move {parts} away yourself")  # fmt: skip
+    return record
+
+
+# chunk files, and what a kill mid-write of one (or of the marker) leaves: atomic_write's temporaries
+_CHUNK = re.compile(r"chunk-\d{5}\.tsv|\.(chunk-\d{5}\.tsv|\.iisan-output\.json)\.[a-z0-9_]+\.tmp")
+
+
+def _has_pictures(data: PreparedData, source: str, frames, i: int) -> bool:
+    return bool(data.image_keys[i] if source == "cover" else frames.frames.get(data.asins[i]))
 
 
 def _pictures(data: PreparedData, source: str, frames, ids: list[int]) -> list[list | None]:
     """Each item's pictures: [cover] or 3 frames; None where the item has none."""
-    if source == "cover":
-        images = data.image_source()
-        return [[images.load(data.image_keys[i])] if data.image_keys[i] else None for i in ids]
-    return [frames.pick(data.asins[i]) or None for i in ids]
+    images = data.image_source() if source == "cover" else None
+    return [
+        None if not _has_pictures(data, source, frames, i)
+        else [images.load(data.image_keys[i])] if images else frames.pick(data.asins[i])
+        for i in ids
+    ]  # fmt: skip
 
 
 def caption(data_dir, spec: CaptionSpec, source: str, out, *, frames=None, device=None) -> dict:
@@ -191,7 +206,8 @@ def caption(data_dir, spec: CaptionSpec, source: str, out, *, frames=None, devic
 
     data = PreparedData.load(data_dir)
     ident = identity(data, spec, source, frames)
-    out = Path(out)
+    out = Path(out).absolute()
+    check_replaceable(out, "captions")  # before any work, not after hours of it
     parts = _parts(out, ident)
     frame_source = FrameSource(frames) if source == "video" else None
     n, size = data.n_items, spec.chunk_items
@@ -215,7 +231,7 @@ def caption(data_dir, spec: CaptionSpec, source: str, out, *, frames=None, devic
     texts = [""]
     for c, _ in chunks:
         texts += [line.split("\t", 1)[1] for line in (parts / f"chunk-{c:05d}.tsv").read_text("utf-8").splitlines()]
-    missing = sum(1 for p in _missing(data, source, frame_source))
+    missing = sum(not _has_pictures(data, source, frame_source, i) for i in range(1, n + 1))
     empty = sum(1 for t in texts[1:] if not t) - missing
     summary = {**ident, "n_missing_pictures": missing, "n_empty_captions": empty,
                "fingerprint": captions_fingerprint(ident, texts), "seconds_now": time.perf_counter() - t0,
@@ -230,12 +246,7 @@ def caption(data_dir, spec: CaptionSpec, source: str, out, *, frames=None, devic
             for i in range(1, n + 1):
                 f.write(f"{i}\t{data.asins[i]}\t{texts[i]}\n")
         (tmp / "captions.json").write_text(json.dumps(summary, indent=2))
+    _own_parts(parts)
     shutil.rmtree(parts)
     log.info("captioned %d items (%d now) from %s into %s", n, generated, source, out)
     return summary
-
-
-def _missing(data, source, frames):
-    for i in range(1, data.n_items + 1):
-        if not (data.image_keys[i] if source == "cover" else frames.frames.get(data.asins[i])):
-            yield i

@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import shutil
+import tempfile
 import zipfile
 from collections import defaultdict
 from pathlib import Path
@@ -123,8 +124,10 @@ def synthesize_microlens(out, n_items: int = 300, n_users: int = 800, seed: int 
     from iisan.synth import COLOURS, draw_item_image, synthesize
 
     out = Path(out)
-    amazon = synthesize(out / "amazon-form", n_items=n_items, n_users=n_users, seed=seed, image_size=image_size)
-    truth = json.loads((out / "amazon-form" / "truth.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".amazon-form-", dir=out))  # ours alone, removed at the end
+    amazon = synthesize(work, n_items=n_items, n_users=n_users, seed=seed, image_size=image_size)
+    truth = json.loads((work / "truth.json").read_text())
     asins = [line.split("\t", 1)[0] for line in Path(amazon["items"]).read_text(encoding="utf-8").splitlines()]
     ids = {a: str(i) for i, a in enumerate(asins, start=1)}
     rng = np.random.default_rng(seed + 1)
@@ -150,11 +153,10 @@ def synthesize_microlens(out, n_items: int = 300, n_users: int = 800, seed: int 
         for a in asins:
             colour = COLOURS[truth["items"][a]["colour"]]
             for k in range(frames):
-                path = out / "frame.jpg"
+                path = work / "frame.jpg"
                 draw_item_image(rng, colour, image_size).save(path, quality=92)
                 z.write(path, f"{ids[a]}/{k + 1}.jpg")
-        (out / "frame.jpg").unlink()
-    shutil.rmtree(out / "amazon-form")
+    shutil.rmtree(work)
     return {
         "items": str(out / "MicroLens-100k_title_en.csv"),
         "users": str(out / "MicroLens-100k_pairs.tsv"),

@@ -177,3 +177,22 @@ def test_caption_caches_record_their_field_and_serve_either_tower(ml, llava, tin
     prepare(titles, ml[0]["users"], other, format="microlens")
     with pytest.raises(DataError, match="captions were made for another item table"):
         extract(other, bert, {}, tmp_path / "x.zarr", captions=tmp_path / "cover", chunk_items=64)
+
+
+def test_captioning_never_replaces_what_iisan_did_not_make(ml, llava, tmp_path):
+    from iisan.errors import OutputError
+    from iisan.outputs import MARKER
+
+    _, data_dir = ml
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("a user's file")
+    with pytest.raises(OutputError, match="mine exists and was not made by iisan"):
+        caption(data_dir, _spec(llava), "cover", user)  # refused before any captioning
+    parts = tmp_path / "cap.parts"  # iisan's marker, but a file iisan did not write beside the chunks
+    parts.mkdir()
+    (parts / MARKER).write_text(json.dumps({"kind": "caption-parts", "identity": {}}))
+    (parts / "notes.txt").write_text("a user's file")
+    with pytest.raises(OutputError, match=r"cap.parts was not made by iisan or holds files it did not write"):
+        caption(data_dir, _spec(llava), "cover", tmp_path / "cap")
+    assert (parts / "notes.txt").read_text() == "a user's file" and (user / "notes.txt").is_file()

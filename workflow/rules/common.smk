@@ -59,10 +59,14 @@ def images_flag(wildcards):
     return f"--images {shlex.quote(images)}" if images else ""
 
 
+def user_listing(ds, key):
+    """A user's images or frames are not a job output, so Snakemake sees changes to them through this param."""
+    d = config["datasets"][ds]
+    return listing_fingerprint(d[key]) if "synth" not in d and d[key] else None
+
+
 def get_images_listing(wildcards):
-    """A user's image folder is not a job output, so Snakemake sees changes to it through this param."""
-    d = config["datasets"][wildcards.ds]
-    return listing_fingerprint(d["images"]) if "synth" not in d and d["images"] else None
+    return user_listing(wildcards.ds, "images")
 
 
 def backbone_json(name):
@@ -130,9 +134,7 @@ def frames_flag(wildcards):
 
 
 def get_frames_listing(wildcards):
-    """User-provided frames are not a job output: Snakemake sees changes through this param."""
-    d = config["datasets"][wildcards.ds]
-    return listing_fingerprint(d["frames"]) if wildcards.source == "video" and "synth" not in d and d["frames"] else None
+    return user_listing(wildcards.ds, "frames") if wildcards.source == "video" else None
 
 
 def tiny_stamp(backbone):
