@@ -2,7 +2,7 @@
 # All logic lives in the `iisan` package; rules only call its command line.
 from snakemake.utils import min_version
 
-from iisan.config import validate
+from iisan.pipeline.config import validate
 
 min_version("9.0")
 
@@ -35,6 +35,10 @@ include: "workflow/rules/caption.smk"
 include: "workflow/rules/cache.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
+
+
+localrules:
+    all,
 
 
 rule all:

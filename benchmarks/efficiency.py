@@ -34,8 +34,8 @@ def subset(out: Path, n_users: int) -> Path:
     """First n_users users with >= 5 items, their items, and a generated image per item."""
     from PIL import Image  # noqa: F401
 
-    from iisan.data import prepare
-    from iisan.synth import COLOURS, draw_item_image
+    from iisan.data.prepare import prepare
+    from iisan.data.synth import COLOURS, draw_item_image
 
     raw = out / "raw"
     (raw / "images").mkdir(parents=True, exist_ok=True)
@@ -73,10 +73,10 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="/tmp/iisan-eff")
     a = ap.parse_args()
-    from iisan.backbones import BackboneSpec
-    from iisan.efficiency import tpme
-    from iisan.extract import extract
-    from iisan.tiny import build_tiny
+    from iisan.extract.extraction import extract
+    from iisan.extract.specs import BackboneSpec
+    from iisan.extract.tiny import build_tiny
+    from iisan.results.efficiency import tpme
 
     out = Path(a.out)
     data = subset(out, a.users)

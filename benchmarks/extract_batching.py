@@ -45,11 +45,12 @@ def child(job: dict) -> dict:
     """One configuration, in a fresh process so its peak memory is its own."""
     import torch
 
-    from iisan import batching
-    from iisan.backbones import Backbone, BackboneSpec
-    from iisan.cache import CHUNK_ITEMS
-    from iisan.data import PreparedData
-    from iisan.layerdrop import select_layers
+    from iisan.data.prepared import PreparedData
+    from iisan.extract import batching
+    from iisan.extract.backbones import Backbone
+    from iisan.extract.cache import CHUNK_ITEMS
+    from iisan.extract.layerdrop import select_layers
+    from iisan.extract.specs import BackboneSpec
 
     titles = PreparedData.load(job["data"]).titles[1 : job["items"] + 1]
     b = Backbone(BackboneSpec(**job["spec"]))
@@ -100,7 +101,7 @@ def _child(job: dict, env: dict | None = None) -> dict:
 
 def run(job: dict) -> dict:
     """Speed over all items; peak memory over the first chunk with mmap-backed allocations."""
-    from iisan.cache import CHUNK_ITEMS
+    from iisan.extract.cache import CHUNK_ITEMS
 
     speed = _child(job)
     memory = _child({**job, "items": min(job["items"], CHUNK_ITEMS)}, {"MALLOC_MMAP_THRESHOLD_": "65536"})
@@ -111,7 +112,7 @@ def tiny_llama(root: Path, n_layers: int) -> Path:
     """The demo's tiny Llama at a given depth (the 24-layer one is `iisan build-tiny`'s)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from iisan.tiny import build_tiny
+    from iisan.extract.tiny import build_tiny
 
     base = build_tiny("tiny-llama", root / "tiny-llama")
     if n_layers == 24:
@@ -138,8 +139,8 @@ def main():
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return
-    from iisan.data import prepare
-    from iisan.tiny import build_tiny
+    from iisan.data.prepare import prepare
+    from iisan.extract.tiny import build_tiny
 
     out = Path(a.out)
     data = out / "scientific-data"

@@ -24,10 +24,10 @@ def main():
     a = ap.parse_args()
     import torch
 
-    from iisan import cache
-    from iisan.backbones import BackboneSpec
-    from iisan.data import prepare
-    from iisan.extract import extract
+    from iisan.data.prepare import prepare
+    from iisan.extract import cache
+    from iisan.extract.extraction import extract
+    from iisan.extract.specs import BackboneSpec
 
     out = Path(a.out)
     data = out / "scientific-data"

@@ -27,7 +27,7 @@ RUN = REPO / "results/scientific/text_only_minilm/lr-0.001_seed-1"
 
 CATALOGUE = """
 import resource, sys, time, torch
-from iisan.recommend import top_k
+from iisan.use.recommend import top_k
 n_items, n_users, d = int(sys.argv[1]), int(sys.argv[2]), 64
 g = torch.Generator().manual_seed(0)
 items = torch.randn(n_items + 1, d, generator=g)

@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,28 @@ SCI_ITEMS = SCIENTIFIC / "Industrial_and_Scientific_items.tsv"
 SCI_USERS = SCIENTIFIC / "am_Industrial_and_Scientific_users.tsv"
 
 
+# the one set of quick training settings (a test that needs more epochs says so: dict(QUICK, epochs=6))
+QUICK = dict(epochs=3, patience=3, batch_size=64, lr=2e-3, lr_san=2e-3)
+
+
+def _command(args) -> list[str]:
+    return [sys.executable, "-m", "iisan", *map(str, args)]
+
+
+def iisan(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """``python -m iisan ARGS`` run to its end (stdout and stderr as text)."""
+    env = dict(os.environ, TQDM_DISABLE="1")
+    return subprocess.run(_command(args), capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+def iisan_started(*args, **popen) -> subprocess.Popen:
+    """``python -m iisan ARGS`` started, for tests that kill it (stdout and stderr together)."""
+    env = dict(os.environ, TQDM_DISABLE="1")
+    return subprocess.Popen(
+        _command(args), **{"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "env": env, **popen}
+    )
+
+
 def need_scientific():
     if not SCI_ITEMS.is_file():
         pytest.skip(f"real Scientific data not found at {SCIENTIFIC} (expected ../shared beside the repo)")
@@ -21,7 +45,7 @@ def need_scientific():
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """The four tiny backbones, built once per test session."""
-    from iisan.tiny import build_tiny
+    from iisan.extract.tiny import build_tiny
 
     root = Path(os.environ.get("IISAN_TINY_DIR") or tmp_path_factory.mktemp("tiny"))
     return {k: build_tiny(k, root / k) for k in ("tiny-bert", "tiny-vit", "tiny-llama", "tiny-llama-gptq")}
@@ -30,8 +54,8 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory):
     """A small generated dataset, prepared: (raw paths, prepared folder)."""
-    from iisan.data import prepare
-    from iisan.synth import synthesize
+    from iisan.data.prepare import prepare
+    from iisan.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("demo")
     raw = synthesize(root / "raw", n_items=300, n_users=600, seed=1)
@@ -42,8 +66,8 @@ def small_demo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def caches(tiny, small_demo, tmp_path_factory):
     """Stage-one caches of the small demo: {"text": tiny BERT store, "image": tiny ViT store}."""
-    from iisan.backbones import BackboneSpec
-    from iisan.extract import extract
+    from iisan.extract.extraction import extract
+    from iisan.extract.specs import BackboneSpec
 
     _, data_dir = small_demo
     root = tmp_path_factory.mktemp("caches")
@@ -54,10 +78,11 @@ def caches(tiny, small_demo, tmp_path_factory):
 
 def fit(data_dir, out, caches=None, backbones=None, **settings):
     """``iisan train`` in-process with flat settings (as config.yaml gives them)."""
-    from iisan.settings import from_settings
-    from iisan.train import train
+    from iisan.train.loop import train
+    from iisan.train.model import Inputs
+    from iisan.train.settings import from_settings
 
-    return train(data_dir, out, *from_settings(settings), caches=caches, backbones=backbones)
+    return train(data_dir, out, *from_settings(settings), Inputs.of(caches, backbones))
 
 
 def merged_config(*overlays) -> dict:

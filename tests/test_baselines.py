@@ -4,17 +4,17 @@ starts from the pretrained model, uncached == cached; and TPME by hand."""
 import pytest
 import torch
 
-from iisan import methods
-from iisan.backbones import Backbone, BackboneSpec
-from iisan.data import PreparedData
-from iisan.efficiency import tpme
-from iisan.features import CachedFeatures
-from iisan.item_inputs import EncodedItems
-from iisan.live import LiveFeatures
-from iisan.model import ItemSources
-from iisan.peft_baselines import PEFTConfig
-from iisan.san import SANItemEncoder
-from iisan.settings import ModelConfig
+from iisan.data.prepared import PreparedData
+from iisan.extract.backbones import Backbone
+from iisan.extract.item_inputs import EncodedItems
+from iisan.extract.specs import BackboneSpec
+from iisan.results.efficiency import tpme
+from iisan.train import methods
+from iisan.train.features import CachedFeatures
+from iisan.train.live import LiveFeatures
+from iisan.train.model import ItemSources
+from iisan.train.san import SANItemEncoder
+from iisan.train.settings import ModelConfig, PEFTConfig
 
 from conftest import fit
 

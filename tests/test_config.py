@@ -1,22 +1,24 @@
-"""One place per idea: the method registry, the schema against the dataclasses,
-config validation with dotted keys, and stage code found from the import graph."""
+"""One place per idea: the method registry, the schema derived from the settings
+dataclasses, config validation with dotted keys, and stage code found from the import graph."""
 
 import ast
 import copy
 import dataclasses
 import re
+import typing
 
 import pytest
 import yaml
 
-from iisan import methods
-from iisan.backbones import BackboneSpec
-from iisan.config import PIPELINE_ONLY, schema, validate
-from iisan.errors import ConfigError, ConfigValidationError
-from iisan.model import ItemEncoder
-from iisan.peft_baselines import PEFTConfig
-from iisan.provenance import closure, stage_modules
-from iisan.settings import ModelConfig, TrainConfig, from_settings, setting_names
+from iisan.core.errors import ConfigError, ConfigValidationError
+from iisan.core.provenance import closure, stage_modules
+from iisan.core.schema import fields, schema_of, setting
+from iisan.extract.specs import BackboneSpec, CaptionSpec
+from iisan.pipeline.config import SCHEMA_PATH, pipeline_only, schema, validate
+from iisan.train import methods
+from iisan.train import settings as train_settings
+from iisan.train.model import ItemEncoder
+from iisan.train.settings import ModelConfig, PEFTConfig, TrainConfig, from_settings
 
 from conftest import REPO, merged_config
 
@@ -24,8 +26,8 @@ from conftest import REPO, merged_config
 def test_method_names_are_listed_only_in_the_registry():
     names = set(methods.METHODS) - {"iisan"}  # "iisan" is also the package's name (logger, program)
     strays = []
-    for path in sorted((REPO / "iisan").glob("*.py")):
-        if path.name == "methods.py":
+    for path in sorted((REPO / "iisan").rglob("*.py")):
+        if path == REPO / "iisan/train/methods.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and node.value in names:
@@ -46,7 +48,7 @@ def test_method_names_are_listed_only_in_the_registry():
             for v in node:
                 yield from enums(v)
 
-    raw_schema = yaml.safe_load((REPO / "iisan/config.schema.yaml").read_text())
+    raw_schema = yaml.safe_load(SCHEMA_PATH.read_text())
     strays += [f"config.schema.yaml enum {e}" for e in enums(raw_schema) if set(e) & set(methods.METHODS)]
     assert not strays, strays
 
@@ -55,38 +57,60 @@ def test_registry_entries_resolve_to_item_encoders_and_sources():
     for m in methods.METHODS.values():
         assert issubclass(methods.load(m.item_encoder), ItemEncoder), m.name
         assert callable(methods.load(m.sources)) and callable(methods.load(m.user_encoder)), m.name
-    assert schema()["properties"]["experiments"]["additionalProperties"]["properties"]["method"]["enum"] == list(
-        methods.METHODS
-    )
+    assert schema()["$defs"]["method"]["enum"] == list(methods.METHODS)
     with pytest.raises(ConfigError, match="method 'bert' is not one of"):
         methods.get("bert")
 
 
-def test_schema_keys_equal_the_dataclass_fields():
-    s = schema()
-    model_keys, train_keys = setting_names()
-    assert set(s["$defs"]["train"]["properties"]) | {"method"} == model_keys | train_keys
-    assert not model_keys & train_keys
-    assert set(s["$defs"]["train"]["properties"]["peft"]["properties"]) == {
-        f.name for f in dataclasses.fields(PEFTConfig)
-    }
-    backbone = set(s["properties"]["backbones"]["additionalProperties"]["properties"])
-    assert backbone == {f.name for f in dataclasses.fields(BackboneSpec)} | set(PIPELINE_ONLY)
-    from iisan.caption import CaptionSpec
+@dataclasses.dataclass
+class _Example:
+    """An example."""
 
-    captioner = s["$defs"]["captioner"]["properties"]
-    assert set(captioner) == {f.name for f in dataclasses.fields(CaptionSpec)} | {"tiny"}
-    for f in dataclasses.fields(CaptionSpec):  # model is required; the prompt's default depends on the source
-        assert f.name in ("model", "prompt") or captioner[f.name]["default"] == f.default, f.name
-    # and the defaults agree
-    train_defaults = {k: v["default"] for k, v in s["$defs"]["train"]["properties"].items()}
-    peft_defaults = train_defaults.pop("peft")
+    name: str = setting(description="required: no default")
+    kind: typing.Literal["a", "b"] = setting("a", "an enum from a Literal")
+    size: int | None = setting(None, "optional", minimum=1)
+    rate: float = setting(0.5, "with limits", exclusiveMinimum=0, maximum=1)
+    tags: list = setting(factory=list, description="a factory default", items={"type": "string"})
+    derived: int = 0  # no setting(): not a setting
+
+
+def test_schema_of_a_settings_dataclass_by_hand():
+    assert schema_of(_Example) == {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "An example.",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "description": "required: no default"},
+            "kind": {"enum": ["a", "b"], "default": "a", "description": "an enum from a Literal"},
+            "size": {"type": ["integer", "null"], "minimum": 1, "default": None, "description": "optional"},
+            "rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.5,
+                     "description": "with limits"},
+            "tags": {"type": "array", "items": {"type": "string"}, "default": [], "description": "a factory default"},
+        },
+    }  # fmt: skip
+
+
+def test_the_config_schema_is_derived_from_the_stages_dataclasses():
+    raw = yaml.safe_load(SCHEMA_PATH.read_text())
+    assert not {"train", "backbone", "captioner", "layer_spec", "method"} & set(raw["$defs"])  # stated once, in code
+    s = schema()
+    run = train_settings.schema()
+    assert s["$defs"]["method"] == run["properties"].pop("method")
+    assert s["$defs"]["train"] == run
+    settable = {f.name for cls in (ModelConfig, TrainConfig) for f in fields(cls)} - {"method"}
+    assert set(run["properties"]) == settable and "n_items" not in settable  # derived fields are no settings
     mc, tc = ModelConfig(), TrainConfig()
-    for k, v in train_defaults.items():
-        assert getattr(mc if k in model_keys else tc, k) == v, k
-    assert peft_defaults == {} and dataclasses.asdict(PEFTConfig()) == {
-        k: v["default"] for k, v in s["$defs"]["train"]["properties"]["peft"]["properties"].items()
+    for k, v in run["properties"].items():  # every default is the dataclass's own
+        assert v["default"] == getattr(mc if hasattr(mc, k) else tc, k), k
+    assert run["properties"]["peft"]["properties"]["lora_r"]["default"] == PEFTConfig().lora_r
+    backbone = s["$defs"]["backbone"]["properties"]
+    assert set(pipeline_only("backbone")) == {"tiny", "shards", "params_b"}
+    assert set(backbone) == {f.name for f in dataclasses.fields(BackboneSpec)} | set(pipeline_only("backbone"))
+    assert {k: backbone[k]["default"] for k in backbone if k not in pipeline_only("backbone") and k != "model"} == {
+        f.name: f.default for f in dataclasses.fields(BackboneSpec) if f.name != "model"
     }
+    assert set(s["$defs"]["captioner"]["properties"]) == {f.name for f in dataclasses.fields(CaptionSpec)} | {"tiny"}
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +172,7 @@ def test_bad_config_is_rejected_before_any_job_with_the_dotted_key(config, edit,
 
 
 def test_a_dataset_train_setting_is_not_overridden_by_defaults(config):
-    from iisan.config import merged_settings
+    from iisan.pipeline.runs import merged_settings
 
     c = validate(copy.deepcopy(config))
     assert merged_settings(c, "demo", "vs_tiny")["lr"] == config["datasets"]["demo"]["train"]["lr"]
@@ -171,12 +195,15 @@ def test_command_line_settings_get_the_same_validation(settings, match):
 
 
 def test_stage_code_comes_from_the_import_graph():
+    def train(name):
+        return stage_modules("train", methods.get(name))
+
     # uncached IISAN selects layers in the loop; the hand-kept list once missed this
-    assert "iisan.layerdrop" in stage_modules("train", "uncached")
+    assert "iisan.extract.layerdrop" in train("uncached")
     # cached IISAN never runs a backbone, so editing backbones.py reruns none of its runs
-    assert "iisan.backbones" not in stage_modules("train", "iisan")
-    assert "iisan.peft_baselines" in stage_modules("train", "lora") and "iisan.peft_baselines" not in stage_modules(
-        "train", "uncached"
-    )
+    assert "iisan.extract.backbones" not in train("iisan")
+    assert "iisan.train.peft_baselines" in train("lora") and "iisan.train.peft_baselines" not in train("uncached")
     # imports inside functions count (the CLI imports each command's modules lazily)
-    assert {"iisan.train", "iisan.extract", "iisan.report"} <= set(closure(["iisan.cli"]))
+    assert {"iisan.train.loop", "iisan.extract.extraction", "iisan.results.report"} <= set(closure(["iisan.cli"]))
+    # the report needs no torch: it runs in the light environment
+    assert "iisan.core.measure" not in stage_modules("report") and "iisan.train.model" not in stage_modules("report")

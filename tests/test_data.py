@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iisan.data import PreparedData, leave_one_out, prepare
-from iisan.errors import DataError
-from iisan.images import ImageSource
-from iisan.synth import synthesize
+from iisan.core.errors import DataError
+from iisan.data.images import ImageSource
+from iisan.data.prepare import leave_one_out, prepare
+from iisan.data.prepared import PreparedData
+from iisan.data.synth import synthesize
 
 from conftest import SCI_ITEMS, SCI_USERS, need_scientific, write
 

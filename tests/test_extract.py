@@ -2,8 +2,6 @@
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -11,11 +9,20 @@ import pytest
 import torch
 from PIL import Image
 
-from iisan import cache
-from iisan.backbones import Backbone, BackboneSpec
-from iisan.data import PreparedData
-from iisan.errors import CacheMismatchError, DataError, ExtractionError, ModelLoadError
-from iisan.extract import extract, finish
+from iisan.core.errors import CacheMismatchError, DataError, ExtractionError, ModelLoadError
+from iisan.data.prepared import PreparedData
+from iisan.extract import cache
+from iisan.extract.backbones import Backbone
+from iisan.extract.extraction import extract, finish
+from iisan.extract.specs import BackboneSpec
+
+from conftest import iisan, iisan_started
+
+
+def load_cache(store):
+    """A cache's rows as a torch tensor, and its attributes."""
+    rows, attrs = cache.load(store)
+    return torch.from_numpy(rows), attrs
 
 
 def _spec(tiny, kind, **kw):
@@ -71,7 +78,7 @@ def test_hook_pooling_is_bit_identical_to_all_hidden_states(tiny, tmp_path, offl
 
 
 def test_batch_plan_sorts_by_length_under_item_and_token_caps():
-    from iisan.batching import padded_tokens, plan
+    from iisan.extract.batching import padded_tokens, plan
 
     lengths = [5, 1, 3, 3, 2]
     assert plan(lengths, max_items=2) == [[1, 4], [2, 3], [0]]  # stable: equal lengths keep item order
@@ -91,7 +98,7 @@ def test_extraction_writes_selected_layers_fp16_row0_zero(tiny, small_demo, tmp_
     data = PreparedData.load(data_dir)
     store = tmp_path / "bert.zarr"
     stats = extract(data_dir, _spec(tiny, "tiny-bert"), {"n": 6}, store, chunk_items=64)
-    arr, attrs = cache.load(store)
+    arr, attrs = load_cache(store)
     assert arr.shape == (data.n_items + 1, 7, 64) and arr.dtype == torch.float16
     assert attrs["layers"] == [0, 2, 4, 6, 8, 10, 12] and attrs["pooling"] == "cls"
     assert arr[0].abs().sum() == 0 and stats["chunks_done_now"] == stats["chunks_total"] == 5
@@ -100,7 +107,7 @@ def test_extraction_writes_selected_layers_fp16_row0_zero(tiny, small_demo, tmp_
     assert torch.allclose(arr[5].float(), direct, atol=2e-3, rtol=2e-3)
     vit = tmp_path / "vit.zarr"
     extract(data_dir, _spec(tiny, "tiny-vit"), {"n": 6}, vit, chunk_items=64)
-    assert cache.load(vit)[1]["image_size"] == 32
+    assert load_cache(vit)[1]["image_size"] == 32
 
 
 def test_gptq_with_disk_offload_matches_cpu_only_load(tiny, small_demo, tmp_path):
@@ -115,8 +122,8 @@ def test_gptq_with_disk_offload_matches_cpu_only_load(tiny, small_demo, tmp_path
     assert "disk" in placed, b.model.hf_device_map  # really offloaded
     del b
     extract(data_dir, spec, {"n": 6}, offl, chunk_items=128)
-    a, attrs = cache.load(plain)
-    o, _ = cache.load(offl)
+    a, attrs = load_cache(plain)
+    o, _ = load_cache(offl)
     assert attrs["layers"] == [0, 4, 8, 12, 16, 20, 24] and attrs["quantization"] == "gptq"
     assert torch.equal(a, o)
     stats = extract(data_dir, spec, {"n": 6}, tmp_path / "offload2.zarr", chunk_items=128)
@@ -136,7 +143,7 @@ def test_length_sorted_batches_scatter_back_to_item_order(tiny, small_demo, tmp_
     for name, kw in {"one": dict(batch_size=1), "sorted": dict(batch_size=64), "again": dict(batch_size=64),
                      "budget": dict(batch_size=512, tokens_per_batch=300)}.items():  # fmt: skip
         stats = extract(data_dir, _spec(tiny, "tiny-llama", **kw), {"n": 6}, tmp_path / f"{name}.zarr", chunk_items=128)
-        runs[name] = (cache.load(tmp_path / f"{name}.zarr")[0].float(), stats)
+        runs[name] = (load_cache(tmp_path / f"{name}.zarr")[0].float(), stats)
     one = runs["one"][0]
     scale = one.abs().amax(dim=(0, 2), keepdim=True)  # per layer
     for name in ("sorted", "budget"):
@@ -171,7 +178,7 @@ def test_batch_size_auto_halves_on_out_of_memory_and_keeps_it(tiny, small_demo, 
         return forward(self, inputs, layers, grad)
 
     monkeypatch.setattr(Backbone, "forward", small_memory)
-    caplog.set_level("INFO", logger="iisan.batching")
+    caplog.set_level("INFO", logger="iisan.extract.batching")
     stats = extract(data_dir, _spec(tiny, "tiny-bert", batch_size="auto"), {}, tmp_path / "auto.zarr", chunk_items=128)
     # chunk 0 holds items 1..127; halved twice, then kept for every later chunk
     assert sizes[:3] == [127, 63, 31] and max(sizes[3:]) <= 31
@@ -180,17 +187,11 @@ def test_batch_size_auto_halves_on_out_of_memory_and_keeps_it(tiny, small_demo, 
     monkeypatch.setattr(Backbone, "forward", forward)
     fixed = tmp_path / "fixed.zarr"
     extract(data_dir, _spec(tiny, "tiny-bert", batch_size=31), {}, fixed, chunk_items=128)
-    assert torch.equal(cache.load(tmp_path / "auto.zarr")[0], cache.load(fixed)[0])  # same passes, same bytes
+    assert torch.equal(load_cache(tmp_path / "auto.zarr")[0], load_cache(fixed)[0])  # same passes, same bytes
     monkeypatch.setattr(Backbone, "forward", small_memory)
     msg = r"out of accelerator memory on a forward pass of 64 item\(s\)\n  fix: .*batch_size: auto"
     with pytest.raises(ExtractionError, match=msg):
         extract(data_dir, _spec(tiny, "tiny-bert", batch_size=64), {}, tmp_path / "f.zarr", chunk_items=128)
-
-
-def _cli(*args, **kw):
-    return subprocess.Popen(
-        [sys.executable, "-m", "iisan", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw
-    )
 
 
 def test_killed_extraction_resumes_only_missing_chunks(tiny, small_demo, tmp_path):
@@ -212,7 +213,7 @@ def test_killed_extraction_resumes_only_missing_chunks(tiny, small_demo, tmp_pat
         "--done",
         str(tmp_path / "llama.done"),
     ]
-    p = _cli(*args)
+    p = iisan_started(*args)
     progress = cache.progress_dir(store)
     deadline = time.time() + 120
     while time.time() < deadline and (not progress.is_dir() or len(list(progress.iterdir())) < 3):
@@ -225,14 +226,14 @@ def test_killed_extraction_resumes_only_missing_chunks(tiny, small_demo, tmp_pat
     assert 3 <= done_before < total, "extraction finished before it could be killed"
     assert not (tmp_path / "llama.done").exists()
     with pytest.raises(DataError, match="chunk\\(s\\) not extracted yet"):
-        cache.load(store)
-    out, _ = _cli(*args).communicate()
+        load_cache(store)
+    out, _ = iisan_started(*args).communicate()
     stats = json.loads((tmp_path / "llama.done").read_text())["stats"]
     assert stats["chunks_done_now"] == total - done_before, out
-    resumed, _ = cache.load(store)
+    resumed, _ = load_cache(store)
     fresh = tmp_path / "fresh.zarr"
     extract(data_dir, BackboneSpec(model=str(tiny["tiny-llama"]), batch_size=1), {"n": 6}, fresh, chunk_items=8)
-    assert torch.equal(resumed, cache.load(fresh)[0])
+    assert torch.equal(resumed, load_cache(fresh)[0])
 
 
 def test_stale_store_is_refused_or_rebuilt_never_mixed(tiny, small_demo, tmp_path):
@@ -245,7 +246,7 @@ def test_stale_store_is_refused_or_rebuilt_never_mixed(tiny, small_demo, tmp_pat
         extract(data_dir, _spec(tiny, "tiny-llama"), {"n": 6}, store, chunk_items=64)
     stats = extract(data_dir, _spec(tiny, "tiny-bert"), {"n": 3}, store, chunk_items=64, on_mismatch="rebuild")
     assert stats["chunks_done_now"] == stats["chunks_total"]
-    arr, attrs = cache.load(store)
+    arr, attrs = load_cache(store)
     assert attrs["layers"] == [0, 2, 7, 12] and arr.shape[1] == 4
     # a reader refuses a cache made from other item inputs
     with pytest.raises(CacheMismatchError, match="input_fingerprint"):
@@ -266,7 +267,7 @@ def test_shards_write_disjoint_chunks_then_verify(tiny, small_demo, tmp_path):
     finish(store, tmp_path / "s.done")
     whole = tmp_path / "w.zarr"
     extract(data_dir, spec, {"n": 6}, whole, chunk_items=32)
-    assert torch.equal(cache.load(store)[0], cache.load(whole)[0])
+    assert torch.equal(load_cache(store)[0], load_cache(whole)[0])
 
 
 def test_cache_info_reports_bytes_and_full_layer_cost(tiny, small_demo, tmp_path):
@@ -277,14 +278,14 @@ def test_cache_info_reports_bytes_and_full_layer_cost(tiny, small_demo, tmp_path
     n = PreparedData.load(data_dir).n_items + 1
     assert info["bytes_selected"] == n * 7 * 128 * 2 and info["bytes_all_layers"] == n * 25 * 128 * 2
     assert info["bytes_on_disk"] >= info["bytes_selected"]  # uncompressed
-    out = subprocess.run(
-        [sys.executable, "-m", "iisan", "cache-info", str(store)], capture_output=True, text=True, check=True
-    ).stdout
+    r = iisan("cache-info", store)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
     assert f"({n}, 7, 128) float16" in out and "all 25 layers would take" in out and "3.6x the selected layers" in out
 
 
 def test_image_backbone_on_text_only_data_is_refused(tiny, tmp_path):
-    from iisan.data import prepare
+    from iisan.data.prepare import prepare
 
     from conftest import write
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from iisan.errors import ConfigError
-from iisan.layerdrop import even_blocks, select_layers, spec_tag
+from iisan.core.errors import ConfigError
+from iisan.extract.layerdrop import even_blocks, select_layers, spec_tag
 
 
 @pytest.mark.parametrize(

@@ -3,23 +3,26 @@ caches of caption text (the multimodal-text scenario)."""
 
 import json
 import signal
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from iisan import cache
-from iisan.caption import Captioner, CaptionSpec, caption
-from iisan.caption_table import read_captions
-from iisan.data import PreparedData, prepare
-from iisan.errors import DataError
-from iisan.extract import extract
-from iisan.features import CachedFeatures
-from iisan.microlens import synthesize_microlens
+from iisan.core.errors import DataError
+from iisan.data.microlens import synthesize_microlens
+from iisan.data.prepare import prepare
+from iisan.data.prepared import PreparedData
+from iisan.extract import cache
+from iisan.extract.caption import Captioner, caption
+from iisan.extract.caption_table import read_captions
+from iisan.extract.extraction import extract
+from iisan.extract.specs import CaptionSpec
+from iisan.train.features import CachedFeatures
+
+from conftest import iisan, iisan_started
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def ml(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llava(tiny):
-    from iisan.tiny import build_tiny
+    from iisan.extract.tiny import build_tiny
 
     return build_tiny("tiny-llava", tiny["tiny-bert"].parent / "tiny-llava")
 
@@ -98,7 +101,7 @@ def test_captions_one_per_item_greedy_and_recorded(ml, llava, tmp_path):
     assert video["prompt"] == "What happens?" and video["n_missing_pictures"] == 0
     assert video["fingerprint"] != a["fingerprint"]
     # three evenly spaced frames of five: the first, the middle and the last
-    from iisan.microlens import FrameSource
+    from iisan.data.microlens import FrameSource
 
     assert FrameSource(raw["frames"]).frames["3"] == [f"3/{k}.jpg" for k in range(1, 6)]
     model = Captioner(_spec(llava))
@@ -126,9 +129,8 @@ def test_killed_captioning_resumes_and_a_changed_prompt_starts_over(ml, llava, t
     _, data_dir = ml
     spec = {"model": str(llava), "max_new_tokens": 6, "batch_size": 1, "chunk_items": 8}
     out = tmp_path / "cap"
-    args = [sys.executable, "-m", "iisan", "caption", "--data", str(data_dir), "--source", "cover",
-            "--captioner", json.dumps(spec), "--out", str(out)]  # fmt: skip
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    args = ["caption", "--data", data_dir, "--source", "cover", "--captioner", json.dumps(spec), "--out", out]
+    p = iisan_started(*args)
     parts = tmp_path / "cap.parts"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(parts.glob("chunk-*.tsv"))) < 3:
@@ -138,14 +140,14 @@ def test_killed_captioning_resumes_and_a_changed_prompt_starts_over(ml, llava, t
     p.stdout.close()
     done = len(list(parts.glob("chunk-*.tsv")))
     assert 3 <= done < 15 and not out.exists(), "captioning finished before it could be killed"
-    r = subprocess.run(args, capture_output=True, text=True)
+    r = iisan(*args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["generated_now"] == 120 - 8 * done  # only the missing chunks
     fresh = caption(data_dir, CaptionSpec(**spec), "cover", tmp_path / "fresh")
     data = PreparedData.load(data_dir)
     assert read_captions(out, data)[0] == read_captions(tmp_path / "fresh", data)[0]
     # parts made under another prompt are discarded, never mixed in
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    p = iisan_started(*args)
     while time.time() < deadline + 60 and len(list(parts.glob("chunk-*.tsv"))) < 2:
         time.sleep(0.01)
     p.send_signal(signal.SIGKILL)
@@ -157,7 +159,7 @@ def test_killed_captioning_resumes_and_a_changed_prompt_starts_over(ml, llava, t
 
 
 def test_caption_caches_record_their_field_and_serve_either_tower(ml, llava, tiny, tmp_path):
-    from iisan.backbones import BackboneSpec
+    from iisan.extract.specs import BackboneSpec
 
     _, data_dir = ml
     data = PreparedData.load(data_dir)
@@ -168,7 +170,7 @@ def test_caption_caches_record_their_field_and_serve_either_tower(ml, llava, tin
     arr, attrs = cache.load(tmp_path / "cover.zarr")
     assert attrs["field"] == "cover_caption" and attrs["input_fingerprint"] == summary["fingerprint"]
     assert cache.load(tmp_path / "title.zarr")[1]["field"] == "title"
-    assert not torch.equal(arr, cache.load(tmp_path / "title.zarr")[0])  # captions, not titles, were encoded
+    assert not np.array_equal(arr, cache.load(tmp_path / "title.zarr")[0])  # captions, not titles, were encoded
     feats = CachedFeatures(data, {"text": tmp_path / "title.zarr", "image": tmp_path / "cover.zarr"})
     text, image = feats(torch.tensor([1, 2]))
     assert text.shape == image.shape == (2, 7, 64)
@@ -180,8 +182,8 @@ def test_caption_caches_record_their_field_and_serve_either_tower(ml, llava, tin
 
 
 def test_captioning_never_replaces_what_iisan_did_not_make(ml, llava, tmp_path):
-    from iisan.errors import OutputError
-    from iisan.outputs import MARKER
+    from iisan.core.errors import OutputError
+    from iisan.core.outputs import MARKER
 
     _, data_dir = ml
     user = tmp_path / "mine"

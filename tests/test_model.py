@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from iisan.errors import ConfigError
-from iisan.loss import debiased_in_batch_ce
-from iisan.metrics import hr_ndcg, rank_of_target
-from iisan.model import ItemSources
-from iisan.san import InterTower, IntraTower, SANBlock, SANItemEncoder
-from iisan.seqenc import SequenceEncoder
-from iisan.settings import ModelConfig
+from iisan.core.errors import ConfigError
+from iisan.train.loss import debiased_in_batch_ce
+from iisan.train.metrics import hr_ndcg, rank_of_target
+from iisan.train.model import ItemSources
+from iisan.train.san import InterTower, IntraTower, SANBlock, SANItemEncoder
+from iisan.train.seqenc import SequenceEncoder
+from iisan.train.settings import ModelConfig
 
 
 def _set(linear, weight, bias):

@@ -9,31 +9,30 @@ import numpy as np
 import pytest
 import torch
 
-from iisan.backbones import BackboneSpec
-from iisan.checkpoint import load_run
-from iisan.errors import CacheMismatchError, CheckpointError, DataError
-from iisan.metrics import hr_ndcg
-from iisan.model import Recommender
-from iisan.recommend import export_embeddings, recommend, top_k
-from iisan.train import rank_all
+from iisan.core.errors import CacheMismatchError, CheckpointError, DataError
+from iisan.extract.specs import BackboneSpec
+from iisan.train.loop import rank_all
+from iisan.train.metrics import hr_ndcg
+from iisan.train.model import Recommender
+from iisan.use.recommend import export_embeddings, recommend, top_k
+from iisan.use.trained import load_run
 
-from conftest import fit, read_json, write
+from conftest import QUICK, fit, read_json, write
 
 
 @pytest.fixture(scope="module")
 def runs(small_demo, caches, tiny, tmp_path_factory):
     _, data_dir = small_demo
     root = tmp_path_factory.mktemp("runs")
-    quick = dict(epochs=2, patience=2, batch_size=64, lr=2e-3, lr_san=2e-3)
-    fit(data_dir, root / "iisan", caches, **quick)
-    fit(data_dir, root / "id", method="id", **quick)
+    fit(data_dir, root / "iisan", caches, **QUICK)
+    fit(data_dir, root / "id", method="id", **QUICK)
     fit(data_dir, root / "pop", method="pop")
     fit(
         data_dir,
         root / "lora",
         backbones={"text": BackboneSpec(model=str(tiny["tiny-bert"]))},
         method="lora",
-        **dict(quick, epochs=1),
+        **dict(QUICK, epochs=1),
     )
     return root
 
@@ -47,7 +46,7 @@ def test_a_reloaded_run_reproduces_its_test_metrics_exactly(runs, name):
     assert hr_ndcg(ranks, 10) == m["test"]
     assert np.array_equal(ranks.numpy(), np.load(runs / name / "ranks.npz")["test"])
     assert ckpt["config"]["method"] == name and ckpt["items"] == data.asins[1:] and ckpt["code"]
-    assert isinstance(Recommender.from_checkpoint(runs / name), Recommender)
+    assert isinstance(model, Recommender) and model.method.name == name
 
 
 def test_the_checkpoint_describes_the_model_and_its_inputs(runs):
@@ -168,8 +167,8 @@ def test_bad_input_is_named(runs, tmp_path):
         recommend(runs / "iisan", histories=write(tmp_path / "new.tsv", "a\tD001000003\nb\tNOPE\n"))
     with pytest.raises(CheckpointError, match="holds no trained model"):
         recommend(tmp_path)
-    from iisan.data import prepare
-    from iisan.synth import synthesize
+    from iisan.data.prepare import prepare
+    from iisan.data.synth import synthesize
 
     raw = synthesize(tmp_path / "raw", n_items=300, n_users=600, seed=2)
     prepare(raw["items"], raw["users"], tmp_path / "other", images=raw["images"])
@@ -184,7 +183,7 @@ def test_bad_input_is_named(runs, tmp_path):
 
 
 def test_a_cache_of_other_layers_is_refused(runs, small_demo, tiny, tmp_path):
-    from iisan.extract import extract
+    from iisan.extract.extraction import extract
 
     _, data_dir = small_demo
     other = tmp_path / "t3.zarr"

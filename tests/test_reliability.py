@@ -6,29 +6,18 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from iisan.data import PreparedData, prepare
-from iisan.errors import CacheMismatchError, DataError, OutputError
-from iisan.outputs import MARKER
+from iisan.core.errors import CacheMismatchError, DataError, OutputError
+from iisan.core.outputs import MARKER
+from iisan.data.prepare import prepare
+from iisan.data.prepared import PreparedData
 
-from conftest import fit, read_json, write
-
-
-def iisan(*args, cwd=None, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "iisan", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-        env=dict(os.environ, TQDM_DISABLE="1"),
-    )
+from conftest import QUICK, fit, iisan, iisan_started, read_json, write
 
 
 def _raw(tmp_path, n=6, users="u\t{seq}\n"):
@@ -62,7 +51,7 @@ def test_an_iisan_folder_is_replaced_but_not_one_holding_a_users_file(tmp_path):
 
 
 def test_build_tiny_refuses_a_folder_it_did_not_make(tmp_path):
-    from iisan.tiny import build_tiny
+    from iisan.extract.tiny import build_tiny
 
     write(tmp_path / "model" / "weights.bin", "someone's model")
     r = iisan("build-tiny", "tiny-bert", "--out", tmp_path / "model")
@@ -200,9 +189,9 @@ def test_a_misspelled_backbone_key_on_the_command_line_is_an_error(tiny, small_d
 
 
 def test_replacing_a_local_models_weights_is_a_new_cache_never_a_resumed_one(tiny, small_demo, tmp_path):
-    from iisan.backbones import BackboneSpec
-    from iisan.extract import extract
-    from iisan.tiny import build_tiny
+    from iisan.extract.extraction import extract
+    from iisan.extract.specs import BackboneSpec
+    from iisan.extract.tiny import build_tiny
 
     _, data_dir = small_demo
     model = tmp_path / "my-bert"
@@ -219,8 +208,8 @@ def test_replacing_a_local_models_weights_is_a_new_cache_never_a_resumed_one(tin
 
 
 def test_a_stale_store_that_iisan_did_not_make_is_never_deleted(tiny, small_demo, tmp_path):
-    from iisan.backbones import BackboneSpec
-    from iisan.extract import extract
+    from iisan.extract.extraction import extract
+    from iisan.extract.specs import BackboneSpec
 
     _, data_dir = small_demo
     store = tmp_path / "c.zarr"
@@ -232,9 +221,6 @@ def test_a_stale_store_that_iisan_did_not_make_is_never_deleted(tiny, small_demo
 
 
 # --- training runs
-
-
-QUICK = dict(epochs=4, patience=4, batch_size=64, lr=2e-3, lr_san=2e-3)
 
 
 def test_same_seed_same_bytes_with_several_threads(small_demo, caches, tmp_path):
@@ -255,9 +241,6 @@ def test_same_seed_same_bytes_with_several_threads(small_demo, caches, tmp_path)
 def _train_cli(data_dir, caches, out, seed):
     settings = json.dumps({**QUICK, "epochs": 6, "patience": 6, "seed": seed})
     return [
-        sys.executable,
-        "-m",
-        "iisan",
         "train",
         "--data",
         str(data_dir),
@@ -274,15 +257,12 @@ def _train_cli(data_dir, caches, out, seed):
 
 def test_a_killed_run_resumes_to_the_uninterrupted_metrics_and_never_mixes_outputs(small_demo, caches, tmp_path):
     _, data_dir = small_demo
-    env = dict(os.environ, TQDM_DISABLE="1")
     run = tmp_path / "run"
-    subprocess.run(_train_cli(data_dir, caches, run, seed=1), check=True, capture_output=True, env=env)
+    assert iisan(*_train_cli(data_dir, caches, run, seed=1)).returncode == 0
     old = read_json(run / "metrics.json")
     # a new run into the same folder, killed after its second epoch
     seen = len((run / "train.log").read_text())
-    p = subprocess.Popen(
-        _train_cli(data_dir, caches, run, seed=2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
-    )
+    p = iisan_started(*_train_cli(data_dir, caches, run, seed=2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and "epoch   2" not in (run / "train.log").read_text()[seen:]:
         time.sleep(0.02)
@@ -292,13 +272,11 @@ def test_a_killed_run_resumes_to_the_uninterrupted_metrics_and_never_mixes_outpu
     assert 1 <= resume["state"]["epoch"] < 6, "the run finished before it could be killed"
     # the folder holds no finished run: nothing of the old one beside the new one's state
     assert not any((run / f).exists() for f in ("metrics.json", "model.pt", "efficiency.json", "gates.json"))
-    r = subprocess.run(_train_cli(data_dir, caches, run, seed=2), capture_output=True, text=True, env=env)
+    r = iisan(*_train_cli(data_dir, caches, run, seed=2))
     assert r.returncode == 0, r.stderr
     assert f"resuming after epoch {resume['state']['epoch']}" in r.stderr
     resumed = read_json(run / "metrics.json")
-    subprocess.run(
-        _train_cli(data_dir, caches, tmp_path / "straight", seed=2), check=True, capture_output=True, env=env
-    )
+    assert iisan(*_train_cli(data_dir, caches, tmp_path / "straight", seed=2)).returncode == 0
     straight = read_json(tmp_path / "straight/metrics.json")
     assert resumed["valid"] == straight["valid"] and resumed["test"] == straight["test"] and resumed != old
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]

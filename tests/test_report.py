@@ -2,7 +2,7 @@
 
 import csv
 
-from iisan.report import build_report
+from iisan.results.report import build_report
 
 from conftest import fit
 

@@ -66,13 +66,13 @@ def demo_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def scenario():
     """The demo-small config as Snakemake sees it: config.yaml with the scenario over it."""
-    from iisan.config import validate
+    from iisan.pipeline.config import validate
 
     return validate(merged_config(REPO / SCENARIO))
 
 
 def runs_of(scenario, exp):
-    from iisan.runs import experiment_runs
+    from iisan.pipeline.runs import experiment_runs
 
     return experiment_runs(scenario, "demo", exp)
 
@@ -179,7 +179,7 @@ def _edit(path):
 
 def test_code_change_reruns_the_stages_that_use_it(demo_run, scenario):
     wd, _ = demo_run
-    train_py = wd / "iisan/train.py"
+    train_py = wd / "iisan/train/loop.py"
     original = _edit(train_py)
     try:
         counts = job_counts(snakemake(wd, "-n", "--cores", "1"))
@@ -187,7 +187,7 @@ def test_code_change_reruns_the_stages_that_use_it(demo_run, scenario):
         train_py.write_text(original)
     n_runs = sum(len(runs_of(scenario, e)) for e in TARGET)
     assert counts == {"train_run": n_runs, "aggregate": len(TARGET), "report": 1, "all": 1}
-    extract_py = wd / "iisan/extract.py"
+    extract_py = wd / "iisan/extract/extraction.py"
     original = _edit(extract_py)
     try:
         counts = job_counts(snakemake(wd, "-n", "--cores", "1"))
@@ -224,7 +224,7 @@ def test_bad_config_is_rejected_with_the_key(demo_run):
     assert "experiments.vs_tiny.text.backbone='bert-xxl' is not a key of `backbones`" in out
     ov = overlay(wd, "bad2.yaml", {"backbones": {"tiny-bert": {"model": "x", "modality": "audio"}}})
     out = snakemake(wd, "-n", "--cores", "1", overlays=[ov], check=False)
-    assert "audio" in out and "ValidationError" in out
+    assert "config.backbones.tiny-bert: `modality`='audio'" in out and "is not one of ['text', 'image']" in out
 
 
 def test_a_generated_dataset_may_have_any_name(demo_run):
@@ -296,7 +296,7 @@ def microlens_run(tmp_path_factory):
 
 
 def test_multimodal_text_runs_caption_to_report(microlens_run):
-    from iisan import cache
+    from iisan.extract import cache
 
     wd = microlens_run
     experiments = yaml.safe_load((REPO / ML_SCENARIO).read_text())["targets"]["multimodal_text_demo"]["experiments"]

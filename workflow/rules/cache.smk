@@ -11,10 +11,11 @@ rule cache_init:
     output:
         touch("results/{ds}/cache/{backbone}/{tag}.init"),
     params:
-        spec=lambda wc: backbone_json(wc.backbone),
-        layers=layers_for,
+        spec=get_backbone,
+        store=get_store,
+        layers=get_layers,
         chunk=config["extract"]["chunk_items"],
-        captions=captions_flag,
+        captions=get_captions_flag,
         code=code_hash("extract"),
     conda:
         "../../envs/iisan.yaml"
@@ -24,7 +25,7 @@ rule cache_init:
         "results/benchmarks/{ds}/cache/{backbone}/{tag}.init.tsv"
     shell:
         "iisan --log {log} extract --data {input.data} --backbone {params.spec:q} --layers {params.layers:q} "
-        "--store results/{wildcards.ds}/cache/{wildcards.backbone}/{wildcards.tag}.zarr "
+        "--store {params.store} "
         "--chunk-items {params.chunk} --on-mismatch rebuild --init-only {params.captions}"
 
 
@@ -37,10 +38,11 @@ rule extract_shard:
     output:
         "results/{ds}/cache/{backbone}/{tag}.shards/{shard}-of-{n}.done",
     params:
-        spec=lambda wc: backbone_json(wc.backbone),
-        layers=layers_for,
+        spec=get_backbone,
+        store=get_store,
+        layers=get_layers,
         chunk=config["extract"]["chunk_items"],
-        captions=captions_flag,
+        captions=get_captions_flag,
         # a single job may rebuild a stale store; shards of a split store never delete it
         mismatch=lambda wc: "rebuild" if int(wc.n) == 1 else "error",
         code=code_hash("extract"),
@@ -54,7 +56,7 @@ rule extract_shard:
         "results/benchmarks/{ds}/cache/{backbone}/{tag}.{shard}-of-{n}.tsv"
     shell:
         "iisan --log {log} extract --data {input.data} --backbone {params.spec:q} --layers {params.layers:q} "
-        "--store results/{wildcards.ds}/cache/{wildcards.backbone}/{wildcards.tag}.zarr "
+        "--store {params.store} "
         "--chunk-items {params.chunk} --shard {wildcards.shard} --nshards {wildcards.n} "
         "--on-mismatch {params.mismatch} --done {output} {params.captions}"
 
@@ -64,6 +66,8 @@ rule cache_verify:
         get_shard_outputs,
     output:
         "results/{ds}/cache/{backbone}/{tag}.done",
+    params:
+        store=get_store,
     conda:
         "../../envs/iisan.yaml"
     log:
@@ -71,5 +75,5 @@ rule cache_verify:
     benchmark:
         "results/benchmarks/{ds}/cache/{backbone}/{tag}.verify.tsv"
     shell:
-        "iisan --log {log} cache-verify --store results/{wildcards.ds}/cache/{wildcards.backbone}/{wildcards.tag}.zarr "
+        "iisan --log {log} cache-verify --store {params.store} "
         "--done {output} {input}"

@@ -8,14 +8,14 @@ rule caption:
     input:
         data="results/{ds}/data",
         captioner=get_captioner_inputs,
-        frames=lambda wc: [raw_files(wc.ds)["frames"]] if wc.source == "video" and "synth" in config["datasets"][wc.ds] else [],
+        frames=get_caption_frames,
     output:
         directory("results/{ds}/captions/{source}"),
     wildcard_constraints:
         source="cover|video",
     params:
-        captioner=lambda wc: captioner_json(wc.ds, wc.source),
-        frames=frames_flag,
+        captioner=get_captioner,
+        frames=get_frames_flag,
         listing=get_frames_listing,
         code=code_hash("caption"),
     resources:

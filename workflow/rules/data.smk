@@ -1,12 +1,12 @@
 rule synth:
     wildcard_constraints:
-        ds=synth_names("amazon"),
+        ds=W.synth_names("amazon"),
     output:
         titles="results/{ds}/raw/{ds}_items.tsv",
         sequences="results/{ds}/raw/am_{ds}_users.tsv",
         images=directory("results/{ds}/raw/images"),
     params:
-        synth=lambda wc: config["datasets"][wc.ds]["synth"],
+        synth=get_synth_settings,
         code=code_hash("prepare"),
     conda:
         "../../envs/iisan.yaml"
@@ -21,7 +21,7 @@ rule synth:
 
 rule synth_microlens:
     wildcard_constraints:
-        ds=synth_names("microlens"),
+        ds=W.synth_names("microlens"),
     output:
         titles="results/{ds}/raw/MicroLens-100k_title_en.csv",
         pairs="results/{ds}/raw/MicroLens-100k_pairs.tsv",
@@ -29,7 +29,7 @@ rule synth_microlens:
         covers="results/{ds}/raw/MicroLens-100k_covers.zip",
         frames="results/{ds}/raw/MicroLens-100k_frames.zip",
     params:
-        synth=lambda wc: config["datasets"][wc.ds]["synth"],
+        synth=get_synth_settings,
         code=code_hash("prepare"),
     conda:
         "../../envs/iisan.yaml"
@@ -48,7 +48,7 @@ rule prepare:
     output:
         directory("results/{ds}/data"),
     params:
-        images=images_flag,
+        images=get_images_flag,
         listing=get_images_listing,
         ds=get_prepare_settings,
         code=code_hash("prepare"),
@@ -67,8 +67,7 @@ rule prepare:
 
 rule build_tiny:
     input:
-        # the GPTQ model is quantised from the tiny Llama built by its own job
-        lambda wc: ["results/backbones/tiny-llama/iisan-tiny.json"] if wc.backbone == "tiny-llama-gptq" else [],
+        get_tiny_inputs,
     output:
         "results/backbones/{backbone}/iisan-tiny.json",
     params:

@@ -22,12 +22,12 @@ rule report:
         curves=report_output("training_curves.png", "training_curves.rst", "plots"),
         gates=report_output("gates.png", "gates.rst", "plots"),
     wildcard_constraints:
-        target=QUALITY_TARGETS,
+        target=W.target_names(batch_sizes=False),
     params:
-        experiments=report_experiments,
+        experiments=get_report_experiments,
         code=code_hash("report"),
     conda:
-        "../../envs/iisan.yaml"
+        "../../envs/report.yaml"
     log:
         "results/logs/report/{target}.log",
     benchmark:
@@ -45,13 +45,13 @@ rule report_batch_size:
         table=report_output("time_memory_by_batch_size.csv", "time_memory_by_batch_size.rst", "tables"),
         plot=report_output("time_memory_by_batch_size.png", "time_memory_by_batch_size.rst", "plots"),
     wildcard_constraints:
-        target=BATCH_SIZE_TARGETS,
+        target=W.target_names(batch_sizes=True),
     params:
         profiles=lambda wc, input: json.dumps(list(input)),
-        experiments=report_experiments,
+        experiments=get_report_experiments,
         code=code_hash("report"),
     conda:
-        "../../envs/iisan.yaml"
+        "../../envs/report.yaml"
     log:
         "results/logs/report/{target}.log",
     benchmark:

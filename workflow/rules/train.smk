@@ -11,12 +11,12 @@ rule train:
         metrics="results/{ds}/{exp}/metrics.json",
         efficiency="results/{ds}/{exp}/efficiency.json",
     wildcard_constraints:
-        exp=SINGLE_RUN,
+        exp=W.run_names(multi=False),
     params:
-        settings=train_settings,
-        item_flags=item_flags,
+        settings=get_train_settings,
+        item_flags=get_item_flags,
         out=lambda wc, output: os.path.dirname(output.metrics),
-        code=train_code,
+        code=get_train_code,
     resources:
         gpu=1,
     conda:
@@ -35,7 +35,7 @@ use rule train as train_run with:
         metrics="results/{ds}/{exp}/{run}/metrics.json",
         efficiency="results/{ds}/{exp}/{run}/efficiency.json",
     wildcard_constraints:
-        exp=MULTI_RUN,
+        exp=W.run_names(multi=True),
         run="[^/]+",
     log:
         "results/logs/{ds}/{exp}/{run}/train.log",
@@ -50,13 +50,13 @@ rule aggregate:
         metrics="results/{ds}/{exp}/metrics.json",
         efficiency="results/{ds}/{exp}/efficiency.json",
     wildcard_constraints:
-        exp=MULTI_RUN,
+        exp=W.run_names(multi=True),
     params:
-        runs=aggregate_runs,
+        runs=get_aggregate_runs,
         out=lambda wc, output: os.path.dirname(output.metrics),
         code=code_hash("aggregate"),
     conda:
-        "../../envs/iisan.yaml"
+        "../../envs/report.yaml"
     log:
         "results/logs/{ds}/{exp}/aggregate.log",
     benchmark:
@@ -75,9 +75,9 @@ rule profile:
         bs=r"\d+",
         steps=r"\d+",
     params:
-        settings=train_settings,
-        item_flags=item_flags,
-        code=profile_code,
+        settings=get_train_settings,
+        item_flags=get_item_flags,
+        code=get_profile_code,
     resources:
         gpu=1,
     conda:
@@ -99,7 +99,7 @@ rule recommend:
     wildcard_constraints:
         fmt="tsv|parquet",
     params:
-        k=10,
+        k=get_metric_k,
         code=code_hash("recommend"),
     conda:
         "../../envs/iisan.yaml"

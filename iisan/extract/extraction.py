@@ -1,0 +1,221 @@
+"""Stage one: run a frozen backbone over every item and cache the selected layers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from iisan.core.errors import ConfigError, DataError
+from iisan.core.measure import PeakMemory
+from iisan.core.provenance import code_hash
+from iisan.data.fields import CAPTION_FIELDS, DEFAULT_FIELD
+from iisan.data.prepared import PreparedData
+from iisan.extract import cache
+from iisan.extract.backbones import Backbone, load_processor, model_info, processor_image_size
+from iisan.extract.batching import BatchSizer
+from iisan.extract.cache import human_bytes
+from iisan.extract.caption_table import read_captions
+from iisan.extract.item_inputs import ItemInputs
+from iisan.extract.layerdrop import select_layers
+from iisan.extract.specs import BackboneSpec
+
+log = logging.getLogger(__name__)
+
+
+def shard_chunks(n_chunks: int, shard: int, nshards: int) -> range:
+    """Contiguous, chunk-aligned block of chunks for one shard job."""
+    if not 0 <= shard < nshards:
+        raise ConfigError(f"shard {shard} is outside 0..{nshards - 1}")
+    per = -(-n_chunks // nshards)
+    return range(shard * per, min((shard + 1) * per, n_chunks))
+
+
+def cache_attrs(data: PreparedData, spec: BackboneSpec, layers_spec, chunk_items: int,
+                captions: dict | None = None) -> dict:  # fmt: skip
+    """What identifies a cache: checked against an existing store before any work.
+    ``captions``: the summary of the captions read instead of titles (iisan.extract.caption)."""
+    info = model_info(spec)
+    if captions and spec.modality != "text":
+        raise ConfigError(f"captions are text: backbone {spec.model!r} is an {spec.modality} encoder")
+    field = CAPTION_FIELDS[captions["source"]] if captions else DEFAULT_FIELD[spec.modality]
+    if spec.modality == "image" and not data.has_images:
+        raise DataError(
+            data.root,
+            "dataset has no images but the backbone is an image encoder",
+            "set `images:` for this dataset in config.yaml, or use a text backbone",
+        )
+    return {
+        "model": spec.model,
+        "revision": spec.revision or info.get("commit"),
+        "weights": info["weights"],
+        "modality": spec.modality,
+        "n_layers": info["n_layers"],
+        "layers": select_layers(info["n_layers"], layers_spec),
+        "pooling": info["pooling"],
+        "hidden": info["hidden"],
+        "quantization": info["quantization"],
+        "dtype": "float16",
+        "max_text_len": spec.max_text_len if spec.modality == "text" else None,
+        "image_size": processor_image_size(load_processor(spec)) if spec.modality == "image" else None,
+        "field": field,
+        "input_fingerprint": captions["fingerprint"] if captions else data.meta[f"{spec.modality}_fingerprint"],
+        "data_fingerprint": data.meta["text_fingerprint"],
+        "n_items": data.n_items,
+        "chunk_items": chunk_items,
+        "code": code_hash("extract"),
+    }
+
+
+def extract(
+    data_dir,
+    spec: BackboneSpec,
+    layers_spec,
+    store,
+    *,
+    chunk_items: int = cache.CHUNK_ITEMS,
+    shard: int = 0,
+    nshards: int = 1,
+    on_mismatch: str = "error",
+    device: torch.device | None = None,
+    init_only: bool = False,
+    captions=None,
+) -> dict:
+    """Fill this shard's missing chunks of ``store`` (``captions``: a folder from
+    `iisan caption`, encoded instead of the titles). Returns timing figures."""
+    data = PreparedData.load(data_dir)
+    texts, caption_meta = read_captions(captions, data) if captions else (None, None)
+    attrs = cache_attrs(data, spec, layers_spec, chunk_items, caption_meta)
+    writer = cache.CacheWriter(store, attrs, on_mismatch=on_mismatch)
+    todo = [c for c in shard_chunks(writer.n_chunks, shard, nshards) if not writer.is_done(c)]
+    stats = {
+        "store": str(store),
+        "chunks_total": writer.n_chunks,
+        "chunks_done_now": 0,
+        "items": 0,
+        "seconds": 0.0,
+        "forward_seconds": 0.0,
+    }
+    if init_only or not todo:
+        return stats
+    t_load = time.perf_counter()
+    backbone = Backbone(spec, device)
+    stats["load_seconds"] = time.perf_counter() - t_load
+    make_inputs = ItemInputs(data, backbone, texts)
+    layers = attrs["layers"]
+    sizer = BatchSizer(spec, backbone.input_device)
+    streamed = backbone.streamed_bytes()
+    cuda = backbone.input_device.type == "cuda"
+    real_tokens = padded_tokens = passes = 0
+    t0 = time.perf_counter()
+
+    def encode(raw, batch):
+        return backbone.encode_inputs([raw[p] for p in batch])
+
+    n_todo = sum(hi - max(lo, 1) for lo, hi in map(writer.chunk_rows, todo))  # real items; row 0 is padding
+    # the next batch's inputs are prepared in a thread while the model runs (torch releases the GIL)
+    with (
+        PeakMemory(backbone.input_device) as peak,
+        ThreadPoolExecutor(max_workers=1) as pool,
+        tqdm(total=n_todo, desc=f"extract {Path(spec.model).name}", unit="item", disable=None) as bar,
+    ):
+        baseline = peak.peak_bytes
+        for c in todo:
+            lo, hi = writer.chunk_rows(c)
+            rows = np.zeros((hi - lo, len(layers), attrs["hidden"]), dtype=np.float16)
+            ids = list(range(max(lo, 1), hi))
+            raw = make_inputs.raw(ids)
+            lengths = backbone.token_lengths(raw)
+            left = list(range(len(ids)))  # positions in this chunk not yet written
+            while left:  # one plan per batch size; an out-of-memory halves it and re-plans what is left
+                batches = [[left[p] for p in b] for b in sizer.plan([lengths[p] for p in left])]
+                pending = pool.submit(encode, raw, batches[0])
+                for j, b in enumerate(batches):
+                    inputs = pending.result()
+                    pending = pool.submit(encode, raw, batches[j + 1]) if j + 1 < len(batches) else None
+                    tf = time.perf_counter()
+                    try:
+                        pooled = backbone.forward(inputs, layers)
+                        if cuda:
+                            torch.cuda.synchronize()
+                    except torch.OutOfMemoryError:
+                        if pending is not None:
+                            pending.cancel()
+                        sizer.shrink(len(b))  # raises unless `batch_size: auto`
+                        break
+                    stats["forward_seconds"] += time.perf_counter() - tf
+                    rows[[ids[p] - lo for p in b]] = pooled.to("cpu", torch.float16).numpy()
+                    done = set(b)
+                    left = [p for p in left if p not in done]
+                    real_tokens += sum(lengths[p] for p in b)
+                    padded_tokens += len(b) * max(lengths[p] for p in b)
+                    passes += 1
+                    bar.update(len(b))
+            writer.write_chunk(c, rows)
+            stats["chunks_done_now"] += 1
+            stats["items"] += len(ids)
+    stats["seconds"] = time.perf_counter() - t0
+    items = max(stats["items"], 1)
+    stats.update(
+        items_per_s=stats["items"] / max(stats["seconds"], 1e-9),
+        forward_share=stats["forward_seconds"] / max(stats["seconds"], 1e-9),
+        padding_share=1 - real_tokens / max(padded_tokens, 1),
+        passes=passes,
+        mean_batch_items=stats["items"] / max(passes, 1),
+        batch_size=sizer.max_items,
+        tokens_per_batch=sizer.max_tokens,
+        peak_memory_kind=peak.kind,
+        peak_memory_bytes=peak.peak_bytes,
+        peak_memory_above_baseline_bytes=peak.peak_bytes - (0 if cuda else baseline),
+        streamed_weight_bytes_per_pass=streamed,
+        streamed_weight_bytes_per_item=streamed * passes / items,
+    )
+    stats["outside_forward_share"] = 1 - stats["forward_share"]
+    log.info(
+        "extracted %d items in %.1fs: %.0f items/s, forward %.0f%% of the time, padding %.1f%% of tokens, "
+        "%d passes of up to %d items%s, peak %s %s above baseline%s",
+        stats["items"],
+        stats["seconds"],
+        stats["items_per_s"],
+        100 * stats["forward_share"],
+        100 * stats["padding_share"],
+        passes,
+        sizer.max_items,
+        f" / {sizer.max_tokens} tokens" if sizer.max_tokens else "",
+        peak.kind,
+        human_bytes(stats["peak_memory_above_baseline_bytes"]),
+        f", {human_bytes(stats['streamed_weight_bytes_per_item'])} of weights streamed per item" if streamed else "",
+    )
+    return stats
+
+
+def finish(store, done_file, stats: dict | None = None, shard_files=()) -> dict:
+    """Verify every chunk is present and write the completion file Snakemake tracks, with the
+    extraction figures of this process (``stats``) or of the shards that wrote the store."""
+    attrs = cache.verify(store)
+    shards = [json.loads(Path(f).read_text()).get("stats", {}) for f in shard_files]
+    summary = {
+        "store": str(Path(store).resolve()),
+        "attrs": attrs,
+        "stats": {"shards": shards} if shards else stats or {},
+    }
+    Path(done_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(done_file).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def write_done(store, done_file, stats: dict, *, shard: int = 0, nshards: int = 1, init_only: bool = False) -> None:
+    """After ``extract``: the completion file of a whole store, or a shard's record of its own part
+    (``cache-verify`` then verifies the store and writes its completion file)."""
+    if nshards == 1 and not init_only:
+        finish(store, done_file, stats)
+        return
+    Path(done_file).parent.mkdir(parents=True, exist_ok=True)
+    record = {"store": str(store), "shard": shard, "nshards": nshards, "stats": stats}
+    Path(done_file).write_text(json.dumps(record, indent=2))

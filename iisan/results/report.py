@@ -1,0 +1,233 @@
+"""Paper-style tables (Markdown + CSV) and plots (PNG) from finished runs.
+
+An experiment is ``results/{dataset}/{experiment}/`` with metrics.json (one run,
+or the aggregate of its seeds and grid points) and efficiency.json. Tables give
+mean ± sd over seeds; in each table and dataset the best method (by mean test
+HR@k) is tested against the runner-up with paired tests over users on per-user
+metrics averaged over seeds (t-test, as the paper; and Wilcoxon), marked ``*``
+at p < 0.05, with the p-values in the CSV. A missing experiment is listed in the
+notes, not fatal. A time-and-memory study (a target with ``batch_sizes``) gets
+its own report (``build_profile_report``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from iisan.train import methods
+from iisan.results import plots
+from iisan.results.aggregate import run_dirs
+from iisan.results.efficiency import tpme
+from iisan.core.errors import ConfigError
+from iisan.core.outputs import atomic_json
+from iisan.results.stats import paired_tests, per_user_over_runs
+from iisan.train.settings import TrainConfig
+
+log = logging.getLogger(__name__)
+
+ALPHA = 0.05  # significance level of the `*` marks
+TABLES = (("main", "Main comparison", ("main", "baseline")), ("scaling", "Scaling by text encoder", ("scaling",)),
+          ("ablation", "Ablations", ("ablation",)),
+          ("multimodal_text", "Multimodal text: titles and generated captions", ("multimodal_text",)))  # fmt: skip
+
+
+def _load(results: Path, experiments: dict) -> tuple[list[dict], list[str]]:
+    rows, missing = [], []
+    for ds, exps in experiments.items():
+        for name, desc in exps.items():
+            d = results / ds / name
+            if not (d / "metrics.json").is_file():
+                missing.append(f"{ds}/{name}")
+                continue
+            m = json.loads((d / "metrics.json").read_text())
+            eff = json.loads((d / "efficiency.json").read_text()) if (d / "efficiency.json").is_file() else {}
+            rows.append({"dataset": ds, "experiment": name, "label": desc.get("label", name),
+                         "group": desc.get("group", "main"), "text_backbone": desc.get("text_backbone"),
+                         "text_params_b": desc.get("text_params_b"), "metrics": m, "eff": eff,
+                         "runs": run_dirs(d)})  # fmt: skip
+    return rows, missing
+
+
+def metric_k(runs) -> int:
+    """The runs' HR@k / NDCG@k cut-off (``metric_k``); they must agree to share a table."""
+    ks = {r["metrics"]["metric_k"] for r in runs}
+    if len(ks) > 1:
+        raise ConfigError(
+            f"the runs of one report use different `metric_k` values {sorted(ks)}; give them the same one"
+        )
+    return ks.pop() if ks else TrainConfig().metric_k
+
+
+def _sd(r, split, key) -> float:
+    return r["metrics"].get("sd", {}).get(split, {}).get(key, 0.0)
+
+
+def _significance(rows: list[dict], k: int) -> dict[int, dict]:
+    """Per dataset: the best row (mean test HR@k) against the runner-up, by row index."""
+    found = {}
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        idx = [
+            i for i, r in enumerate(rows) if r["dataset"] == ds and all((d / "ranks.npz").is_file() for d in r["runs"])
+        ]
+        if len(idx) < 2:
+            continue
+        best, second = sorted(idx, key=lambda i: rows[i]["metrics"]["test"][f"HR@{k}"], reverse=True)[:2]
+        a, b = (per_user_over_runs(rows[i]["runs"], k) for i in (best, second))
+        found[best] = {"vs": rows[second]["experiment"], **{key: paired_tests(a[key], b[key]) for key in a}}
+    return found
+
+
+def _quality_table(rows: list[dict], k: int) -> tuple[list[str], list[list], list[list]]:
+    """Header, CSV rows (numbers) and Markdown rows (mean ± sd, marks) of a quality table."""
+    metrics = (("test", f"HR@{k}"), ("test", f"NDCG@{k}"), ("valid", f"HR@{k}"))
+    header = ["dataset", "experiment", "method"]
+    for split, key in metrics:
+        header += [f"{split} {key} (%)", f"{split} {key} sd"]
+    header += ["best epoch", "seeds", "vs", f"p t-test HR@{k}", f"p Wilcoxon HR@{k}", f"p t-test NDCG@{k}",
+               f"p Wilcoxon NDCG@{k}"]  # fmt: skip
+    sig = _significance(rows, k)
+    csv_rows, md_rows = [], []
+    for i, r in enumerate(rows):
+        m, s = r["metrics"], sig.get(i)
+        n_seeds = len(m.get("seeds", [m.get("seed")]))
+        line, cells = [r["dataset"], r["experiment"], r["label"]], [r["dataset"], r["experiment"], r["label"]]
+        for split, key in metrics:
+            mean, sd = 100 * m[split][key], 100 * _sd(r, split, key)
+            line += [mean, sd]
+            mark = "*" if s and split == "test" and s[key]["p_ttest"] < ALPHA else ""
+            cells.append(f"{mean:.2f} ± {sd:.2f}{mark}" if n_seeds > 1 else f"{mean:.2f}{mark}")
+        pvals = [s[key][p] for key in (f"HR@{k}", f"NDCG@{k}") for p in ("p_ttest", "p_wilcoxon")] if s else [""] * 4
+        line += [m["best_epoch"], n_seeds, s["vs"] if s else "", *pvals]
+        cells += [f"{m['best_epoch']:g}", str(n_seeds)]
+        csv_rows.append(line)
+        md_rows.append(cells)
+    md_header = ["dataset", "experiment", "method", f"test HR@{k} (%)", f"test NDCG@{k} (%)", f"valid HR@{k} (%)",
+                 "best epoch", "seeds"]  # fmt: skip
+    return header, csv_rows, [md_header, *md_rows]
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _write_md(path: Path, title: str, rows: list[list], notes: list[str]) -> None:
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
+    header, body = rows[0], rows[1:]
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in body]
+    lines += ["", *[n for n in notes if n]] if any(notes) else []
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _timed(r) -> bool:
+    """A run with training time to report (popularity has none)."""
+    return bool(r["eff"]) and methods.get(r["eff"]["method"]).trains
+
+
+def _efficiency_rows(runs):
+    by_ds: dict[str, dict] = {}
+    for r in runs:
+        if _timed(r):
+            by_ds.setdefault(r["dataset"], {})[r["experiment"]] = r
+    rows = []
+    for ds, rs in by_ds.items():
+        scores = tpme({k: v["eff"] for k, v in rs.items()})
+        ref = next((v["eff"] for v in rs.values() if methods.get(v["eff"]["method"]).reference), None)
+        for k, v in rs.items():
+            e = v["eff"]
+            ratio = (
+                f"{e['seconds_per_epoch'] / ref['seconds_per_epoch']:.3f}" if ref and ref["seconds_per_epoch"] else "-"
+            )
+            rows.append([ds, k, v["label"], e["seconds_per_epoch"], e["peak_memory_bytes"] / 2**20,
+                         e.get("peak_memory_kind", ""), e["trainable_parameters"], scores[k], ratio])  # fmt: skip
+    return rows
+
+
+def _storage_rows(results: Path):
+    from iisan.extract import cache
+
+    rows = []
+    for done in sorted(results.glob("*/cache/*/*.done")):
+        store = Path(json.loads(done.read_text())["store"])
+        if not store.exists():
+            continue
+        i = cache.info(store)
+        rows.append([done.parts[-4], f"{done.parent.name}/{done.stem}", len(i["layers"]), i["bytes_selected"] / 2**20,
+                     i["bytes_all_layers"] / 2**20, i["bytes_on_disk"] / 2**20])  # fmt: skip
+    return rows
+
+
+def _grid_rows(runs, k):
+    rows = []
+    for r in runs:
+        for g in r["metrics"].get("grid", []):
+            if not g["point"]:
+                continue
+            rows.append([r["dataset"], r["experiment"], json.dumps(g["point"], sort_keys=True), len(g["seeds"]),
+                         100 * g["valid"][f"HR@{k}"], 100 * g["valid_sd"][f"HR@{k}"], 100 * g["test"][f"HR@{k}"],
+                         100 * g["test_sd"][f"HR@{k}"], g["selected"]])  # fmt: skip
+    return rows
+
+
+def build_report(results, out, experiments: dict | None = None) -> dict:
+    """Write tables and plots to ``out``. ``experiments``: {dataset: {experiment: {group, label, ...}}};
+    by default every experiment found under ``results``."""
+    results, out = Path(results), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if experiments is None:
+        experiments = {}
+        for m in sorted(results.glob("*/*/metrics.json")):
+            experiments.setdefault(m.parts[-3], {})[m.parts[-2]] = {}
+    runs, missing = _load(results, experiments)
+    k = metric_k(runs)
+    notes = ["Missing (not run or failed), left out: " + ", ".join(missing) if missing else "",
+             f"`*`: better than the runner-up of its dataset in this table, paired t-test over users on test HR@{k} "
+             f"or NDCG@{k} averaged over seeds, p < {ALPHA} (p-values, also Wilcoxon's, in the CSV)."]  # fmt: skip
+    for name, title, groups in TABLES:
+        rs = [r for r in runs if r["group"] in groups]
+        header, csv_rows, md_rows = _quality_table(rs, k)
+        _write_csv(out / f"{name}.csv", header, csv_rows)
+        _write_md(out / f"{name}.md", title, md_rows, notes)
+    eff_header = ["dataset", "experiment", "method", "s/epoch", "peak memory (MiB)", "memory kind", "trainable params",
+                  "TPME", "time / FFT"]  # fmt: skip
+    eff = _efficiency_rows(runs)
+    _write_csv(out / "efficiency.csv", eff_header, eff)
+    _write_md(out / "efficiency.md", "Efficiency (training phase only; TPME weights 0.45/0.1/0.45, lower is better)",
+              [eff_header, *eff], notes[:1])  # fmt: skip
+    storage_header = ["dataset", "cache", "layers kept", "selected (MiB)", "all layers (MiB)", "on disk (MiB)"]
+    storage = _storage_rows(results)
+    _write_csv(out / "storage.csv", storage_header, storage)
+    _write_md(out / "storage.md", "Cache storage: selected vs all layers", [storage_header, *storage], [])
+    grid_header = ["dataset", "experiment", "setting", "seeds", f"valid HR@{k} (%)", f"valid HR@{k} sd",
+                   f"test HR@{k} (%)", f"test HR@{k} sd", "selected (on valid)"]  # fmt: skip
+    _write_csv(out / "grid.csv", grid_header, _grid_rows(runs, k))
+    made = plots.report_plots(out, runs, [r for r in runs if _timed(r)], storage, k)
+    summary = {"runs": len(runs), "missing": missing, "plots": made}
+    atomic_json(out / "summary.json", summary)
+    log.info("report: %d experiments, %d missing, plots %s -> %s", len(runs), len(missing), made, out)
+    return summary
+
+
+def build_profile_report(profiles: list[str], out, labels: dict | None = None) -> dict:
+    """Seconds per epoch and peak memory against batch size, one line per method (Figure 5)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(Path(p).read_text()) | {"experiment": Path(p).parts[-3], "dataset": Path(p).parts[-4]}
+            for p in profiles]  # fmt: skip
+    header = ["dataset", "experiment", "method", "batch size", "steps", "s/step", "s/epoch", "peak memory (MiB)",
+              "memory kind", "device"]  # fmt: skip
+    table = [[r["dataset"], r["experiment"], (labels or {}).get(r["experiment"], r["method"]), r["batch_size"],
+              r["steps"], r["seconds_per_step"], r["seconds_per_epoch"], r["peak_memory_bytes"] / 2**20,
+              r["peak_memory_kind"], r["device"]] for r in rows]  # fmt: skip
+    table.sort(key=lambda t: (t[0], t[1], t[3]))
+    _write_csv(out / "time_memory_by_batch_size.csv", header, table)
+    plots.batch_size_plot(out / "time_memory_by_batch_size.png", table)
+    summary = {"profiles": len(rows), "plots": ["time_memory_by_batch_size.png"]}
+    atomic_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,171 @@
+"""The recommender every method shares, and the one place it is built.
+
+RecBole's idea: the trainer and the evaluator never ask which method they
+hold. Every method is an ``ItemEncoder`` (ids -> (M, d)) plus a user encoder
+(the SASRec encoder, or a constant for popularity), both named by the registry
+(iisan/train/methods.py).
+
+``Inputs`` is what a run's item encoder reads, by tower: a stage-one cache, or
+a backbone and its layer selection. ``build`` resolves the method once, opens
+its inputs as ``ItemSources`` (the prepared data, features of each item's
+selected layers, loaded backbones, and the identities a checkpoint records),
+derives the model's shapes from them and builds the model. Training and
+rebuilding a trained run from its checkpoint (``iisan.use.trained``) both call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from iisan.data.prepared import PreparedData
+from iisan.extract.specs import BackboneSpec
+from iisan.train import methods
+from iisan.train.settings import ModelConfig, TrainConfig
+
+MODALITIES = ("text", "image")
+
+
+@dataclass(frozen=True)
+class Tower:
+    """What one tower reads: a cache (cached methods), or a backbone and its layers (methods that run it)."""
+
+    cache: str | None = None
+    backbone: BackboneSpec | None = None
+    layers: dict | list | None = None  # an iisan.extract.layerdrop spec
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A run's inputs, by modality (``text``, ``image``)."""
+
+    towers: dict[str, Tower] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, caches: dict | None = None, backbones: dict | None = None, layers: dict | None = None) -> Inputs:
+        """From per-modality caches, backbone specs and layer selections (as the command line gives them)."""
+        caches, backbones, layers = caches or {}, backbones or {}, layers or {}
+        return cls({m: Tower(caches.get(m), backbones.get(m), layers.get(m))
+                    for m in MODALITIES if caches.get(m) is not None or backbones.get(m) is not None})  # fmt: skip
+
+    def caches(self) -> dict[str, str]:
+        return {m: t.cache for m, t in self.towers.items() if t.cache is not None}
+
+    def backbones(self) -> dict[str, BackboneSpec]:
+        return {m: t.backbone for m, t in self.towers.items() if t.backbone is not None}
+
+    def layers(self, modality: str):
+        t = self.towers.get(modality)
+        return (t.layers if t else None) or {}
+
+    def record(self) -> dict:
+        """What a checkpoint keeps: where the caches were (absolute), the backbone specs, the layers."""
+        return {
+            "caches": {m: str(Path(p).resolve()) for m, p in self.caches().items()},
+            "backbones": {m: dataclasses.asdict(s) for m, s in self.backbones().items()},
+            "layers": {m: t.layers for m, t in self.towers.items() if t.layers is not None},
+        }
+
+    @classmethod
+    def from_record(cls, record: dict, caches: dict | None = None) -> Inputs:
+        """The inputs a checkpoint recorded, with ``caches`` (modality -> store) moved elsewhere."""
+        stores = {**record["caches"], **(caches or {})}
+        specs = {m: BackboneSpec(**s) for m, s in record["backbones"].items()}
+        towers = {m: Tower(stores.get(m), specs.get(m), record["layers"].get(m))
+                  for m in MODALITIES if m in stores or m in specs}  # fmt: skip
+        return cls(towers)
+
+
+@dataclass
+class ItemSources:
+    """What an item encoder reads. ``features(ids)`` -> (text (M, K, W) | None, image (M, K, W) | None)."""
+
+    data: PreparedData
+    features: object | None = None  # iisan.train.features.CachedFeatures or iisan.train.live.LiveFeatures
+    backbones: dict = field(default_factory=dict)  # modality -> iisan.extract.backbones.Backbone (trained in the loop)
+    identities: dict = field(default_factory=dict)  # modality -> what identifies the input (cache attrs, backbone)
+
+    def shape(self, modality: str) -> tuple[int, int]:
+        """(taps, width) of a modality's features; (0, 0) when absent."""
+        return self.features.shape(modality) if self.features is not None else (0, 0)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Backbones that compute features but are not part of the model (counted in its total size)."""
+        return [b.model for b in getattr(self.features, "backbones", {}).values()]
+
+
+def data_sources(data: PreparedData, inputs: Inputs, device, method) -> ItemSources:
+    """Sources for methods that read item ids only."""
+    return ItemSources(data)
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class ItemEncoder(nn.Module):
+    """Maps item ids to embeddings, (M,) -> (M, d). ``configure`` derives the model's
+    shapes from what the encoder reads (a new config; the one given is never changed),
+    ``__init__(cfg, sources)`` sets up the layers and keeps the derived config as
+    ``self.cfg``; subclasses override ``forward`` and what else differs."""
+
+    def __init__(self, cfg: ModelConfig, sources: ItemSources):
+        super().__init__()
+        self.cfg = self.configure(cfg, sources)
+
+    @classmethod
+    def configure(cls, cfg: ModelConfig, sources: ItemSources) -> ModelConfig:
+        """``cfg`` with the tap counts and widths of the features filled in."""
+        (kt, wt), (kv, wv) = sources.shape("text"), sources.shape("image")
+        return dataclasses.replace(cfg, text_taps=kt, text_width=wt, image_taps=kv, image_width=wv)
+
+    def param_groups(self, tc: TrainConfig) -> list[dict]:
+        """Optimizer groups; by default every trainable parameter at ``lr``."""
+        return [{"params": trainable(self), "lr": tc.lr}]
+
+    def diagnostics(self) -> dict:
+        """Learned values worth reporting (e.g. gates); JSON-serialisable."""
+        return {}
+
+
+class Recommender(nn.Module):
+    """Item encoder + user encoder; users are scored against items by dot product.
+    ``method`` (an ``iisan.train.methods.Method``) and ``sources`` are what it was built from."""
+
+    def __init__(self, method: methods.Method, items: ItemEncoder, sources: ItemSources):
+        super().__init__()
+        self.method, self.sources, self.cfg = method, sources, items.cfg
+        self.items = items
+        self.seq = method.user_encoder_class(items.cfg)
+
+    def embed_items(self, ids: torch.Tensor) -> torch.Tensor:  # (M,) -> (M, d)
+        return self.items(ids)
+
+    def embed_slots(self, seqs: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, S, d), padding = 0
+        uniq, inv = torch.unique(seqs, return_inverse=True)  # encode each distinct item once
+        e = self.embed_items(uniq)[inv]
+        return e * (seqs != 0)[..., None]
+
+    def users(self, inputs: torch.Tensor) -> torch.Tensor:  # (U, T) -> (U, d): state at the last position
+        return self.seq(self.embed_slots(inputs), inputs != 0)[:, -1]
+
+    def param_groups(self, tc: TrainConfig) -> list[dict]:
+        groups = self.items.param_groups(tc)
+        groups.append({"params": trainable(self.seq), "lr": tc.lr})
+        return [g for g in groups if g["params"]]
+
+    def diagnostics(self) -> dict:
+        return self.items.diagnostics()
+
+
+def build(mc: ModelConfig, data: PreparedData, inputs: Inputs, device) -> Recommender:
+    """The model for ``mc.method`` over ``inputs`` on ``device``: the method resolved once,
+    its inputs opened, the shapes derived (``model.cfg``; ``mc`` is not changed)."""
+    method = methods.get(mc.method)
+    sources = method.open(data, inputs, device)
+    cfg = dataclasses.replace(mc, n_items=data.n_items, max_len=data.max_len, peft=dict(mc.peft))
+    return Recommender(method, method.item_encoder_class(cfg, sources), sources).to(device)

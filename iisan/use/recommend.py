@@ -1,0 +1,242 @@
+"""Use a trained run: top-K recommendations and embeddings.
+
+Users are scored against every item by dot product in chunks of users and of
+items, keeping a running top-K, so memory stays bounded (item embeddings, N x d,
+plus one users-by-items block) for catalogues of millions of items. Ties are
+broken by the lower item id, so the result does not depend on the chunk sizes:
+each (score, id) pair becomes one int64 key whose order is "higher score, then
+lower id", and a plain top-K of the keys is exact.
+
+Whose recommendations: ``test`` users as at test time (their history up to the
+test target, which is hidden: the share of users whose target is in their top-K
+is the test HR@K), ``next`` for every user after their whole known sequence,
+a file of user ids (as ``next``), or new histories given as ASIN sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from iisan.core.errors import DataError
+from iisan.core.outputs import atomic_file, atomic_write
+from iisan.data.prepared import PreparedData, left_pad
+
+log = logging.getLogger(__name__)
+
+USER_CHUNK, ITEM_CHUNK = 1024, 16384  # a 64 MiB float32 score block
+
+
+@dataclass
+class Users:
+    """Whom to recommend for: names, model inputs (U, L) and items to leave out (U, H), 0-padded."""
+
+    names: list[str]
+    inputs: torch.Tensor
+    exclude: torch.Tensor
+
+
+def _read_sequences(data: PreparedData) -> list[tuple[str, list[int]]]:
+    rows = []
+    with (Path(data.root) / "users.tsv").open(encoding="utf-8") as f:
+        for line in f:
+            user, seq = line.rstrip("\n").split("\t")
+            rows.append((user, [int(i) for i in seq.split()]))
+    return rows
+
+
+def select_users(data: PreparedData, which: str = "test", histories=None) -> Users:
+    """``which``: ``test``, ``next`` or a file of user ids (one per line); ``histories``: a TSV of
+    ``name<TAB>ASIN ASIN ...`` for users the model never saw (overrides ``which``)."""
+    if histories is not None:
+        rows = _read_histories(data, histories)
+    elif which == "test":
+        sp = data.splits
+        names = [u for u, _ in _read_sequences(data)]
+        return Users(names, torch.as_tensor(sp["test_input"]), torch.as_tensor(sp["test_history"]))
+    else:
+        rows = _read_sequences(data)
+        if which != "next":
+            rows = _pick_users(data, rows, which)
+    seqs = [s for _, s in rows]
+    return Users([u for u, _ in rows], torch.as_tensor(left_pad(seqs, data.max_len)),
+                 torch.as_tensor(left_pad(seqs, max(map(len, seqs)))))  # fmt: skip
+
+
+def _read_histories(data: PreparedData, histories) -> list[tuple[str, list[int]]]:
+    index = {a: i for i, a in enumerate(data.asins) if i}
+    rows = []
+    for no, line in enumerate(Path(histories).read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        name, _, items = line.partition("\t")
+        unknown = [a for a in items.split() if a not in index]
+        if unknown or not items.split():
+            what = f"ASIN(s) {unknown[:5]} not in the catalogue" if unknown else "no items"
+            raise DataError(histories, f"history {name!r} has {what}",
+                            "give `name<TAB>ASIN ASIN ...` with items of the run's dataset", line=no)  # fmt: skip
+        rows.append((name, [index[a] for a in items.split()]))
+    return rows
+
+
+def _pick_users(data: PreparedData, rows, which) -> list[tuple[str, list[int]]]:
+    if not Path(which).is_file():
+        raise DataError(which, "not `test`, `next` or a file of user ids", "give --users test|next|FILE")
+    by_name = dict(rows)
+    wanted = [w.strip() for w in Path(which).read_text(encoding="utf-8-sig").splitlines() if w.strip()]
+    unknown = [w for w in wanted if w not in by_name]
+    if unknown:
+        raise DataError(which, f"{len(unknown)} user id(s) not in the run's dataset, e.g. {unknown[:3]}",
+                        f"list user ids of {data.root}/users.tsv, or give new users as --histories")  # fmt: skip
+    return [(w, by_name[w]) for w in wanted]
+
+
+def _device(model) -> torch.device:
+    return next(iter(model.buffers()), next(model.parameters(), torch.empty(0))).device
+
+
+@torch.no_grad()
+def item_embeddings(model, chunk: int = ITEM_CHUNK) -> torch.Tensor:
+    """Every item's embedding, (N+1, d) float32 (row 0 = padding)."""
+    model.eval()
+    n1 = model.cfg.n_items + 1
+    ids = torch.arange(n1, device=_device(model))
+    return torch.cat([model.embed_items(ids[i : i + chunk]).float() for i in range(0, n1, chunk)])
+
+
+@torch.no_grad()
+def user_embeddings(model, inputs: torch.Tensor, chunk: int = USER_CHUNK) -> torch.Tensor:
+    """The user state after each history, (U, d) float32, on the model's device."""
+    model.eval()
+    inputs = inputs.to(_device(model))
+    return torch.cat([model.users(inputs[i : i + chunk]).float() for i in range(0, len(inputs), chunk)])
+
+
+def _keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered as (score descending, id ascending): an order-preserving int32 image
+    of the float32 score in the high half, the complement of the id in the low half."""
+    bits = scores.float().contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # monotone in the float value
+    return (ordered << 32) | (0xFFFFFFFF - ids.to(torch.int64))
+
+
+def top_k(users: torch.Tensor, items: torch.Tensor, exclude: torch.Tensor | None, k: int,
+          user_chunk: int = USER_CHUNK, item_chunk: int = ITEM_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Top-``k`` items per user by dot product: (scores (U, k) float32, item ids (U, k) int64).
+
+    ``items``: (N+1, d) with row 0 the padding item (never recommended); ``exclude``:
+    (U, H) item ids per user to leave out (0 = none)."""
+    n1 = len(items)
+    k = min(k, n1 - 1)
+    lowest = torch.iinfo(torch.int64).min
+    out_scores, out_ids = [], []
+    for u0 in range(0, len(users), user_chunk):
+        u = users[u0 : u0 + user_chunk]
+        ex = None if exclude is None else exclude[u0 : u0 + user_chunk]
+        best = torch.full((len(u), k), lowest, dtype=torch.int64)
+        for i0 in range(0, n1, item_chunk):
+            scores = u @ items[i0 : i0 + item_chunk].T  # (Uc, Ic)
+            if i0 == 0:
+                scores[:, 0] = -torch.inf
+            if ex is not None:
+                local = ex - i0  # excluded ids in this chunk, as column indices
+                rows, cols = ((ex > 0) & (local >= 0) & (local < scores.shape[1])).nonzero(as_tuple=True)
+                scores[rows, local[rows, cols]] = -torch.inf
+            best = torch.topk(torch.cat([best, _chunk_keys(scores, i0, k)], dim=1), k, dim=1).values
+        out_scores.append(_score_of(best))
+        out_ids.append(torch.where(best == lowest, -1, 0xFFFFFFFF - (best & 0xFFFFFFFF)))  # -1: fewer items than k
+    return torch.cat(out_scores), torch.cat(out_ids)
+
+
+def _chunk_keys(scores: torch.Tensor, i0: int, k: int) -> torch.Tensor:
+    """A chunk's best ``k`` as keys. A float top-k is ten times cheaper than keying the whole
+    block, but picks arbitrarily among scores equal to the k-th: such rows are keyed in full."""
+    lowest = torch.iinfo(torch.int64).min
+    kk = min(k, scores.shape[1])
+    values, cols = torch.topk(scores, kk, dim=1)
+    keys = _keys(values, cols + i0).masked_fill(values == -torch.inf, lowest)
+    tied = ((scores >= values[:, -1:]).sum(1) > kk).nonzero(as_tuple=True)[0]
+    if len(tied):
+        block = scores[tied]
+        ids = torch.arange(i0, i0 + block.shape[1]).expand_as(block)
+        full = _keys(block, ids).masked_fill(block == -torch.inf, lowest)
+        keys[tied] = torch.topk(full, kk, dim=1).values
+    return keys
+
+
+def _score_of(keys: torch.Tensor) -> torch.Tensor:
+    """The float32 scores inside keys (exactly the computed values); NaN where no item was left."""
+    high = (keys >> 32).to(torch.int32)
+    scores = torch.where(high < 0, high ^ 0x7FFFFFFF, high).view(torch.float32)
+    return scores.masked_fill(keys == torch.iinfo(torch.int64).min, float("nan"))
+
+
+def recommend(run_dir, k: int | None = None, which: str = "test", histories=None, keep_history: bool = False,
+              data_dir=None, caches=None, device="cpu", user_chunk: int = USER_CHUNK,
+              item_chunk: int = ITEM_CHUNK):  # fmt: skip
+    """Top-``k`` recommendations of a trained run: a DataFrame with one row per (user, rank):
+    user, rank (1-based), item_id, asin, score, title."""
+    import pandas as pd
+
+    from iisan.use.trained import load_run
+
+    model, data, ckpt = load_run(run_dir, data_dir=data_dir, caches=caches, device=device)
+    k = k or ckpt["train_config"]["metric_k"]  # by default the run's own cut-off
+    users = select_users(data, which, histories)
+    items = item_embeddings(model, item_chunk).cpu()
+    u = user_embeddings(model, users.inputs, user_chunk).cpu()
+    scores, ids = top_k(u, items, None if keep_history else users.exclude, k, user_chunk, item_chunk)
+    n, kk = ids.shape
+    flat = ids.reshape(-1).numpy()
+    ok = flat >= 0
+    asins, titles = np.asarray(data.asins, dtype=object), np.asarray(data.titles, dtype=object)
+    frame = pd.DataFrame({
+        "user": np.repeat(np.asarray(users.names, dtype=object), kk),
+        "rank": np.tile(np.arange(1, kk + 1), n),
+        "item_id": flat,
+        "asin": np.where(ok, asins[np.where(ok, flat, 0)], ""),
+        "score": scores.reshape(-1).numpy(),
+        "title": np.where(ok, titles[np.where(ok, flat, 0)], ""),
+    })  # fmt: skip
+    return frame[ok].reset_index(drop=True)
+
+
+def write_table(frame, path) -> Path:
+    """A DataFrame to ``.tsv`` or ``.parquet`` (by suffix), atomically."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return atomic_write(path, lambda p: frame.to_parquet(p, index=False))
+    if path.suffix == ".tsv":
+        return atomic_write(path, lambda p: frame.to_csv(p, sep="\t", index=False))
+    raise DataError(path, f"unknown output format {path.suffix!r}", "name the output *.tsv or *.parquet")
+
+
+def export_embeddings(run_dir, out, which: str | None = None, histories=None, data_dir=None, caches=None,
+                      device="cpu") -> dict:  # fmt: skip
+    """Every item's embedding (``items.npy``, N x d float32, row i = item id i + 1, with
+    ``items.tsv``: row, item_id, asin) and, when asked, users' (``users.npy`` + ``users.tsv``),
+    ready for an approximate-nearest-neighbour index: scores are plain dot products."""
+    import pandas as pd
+
+    from iisan.use.trained import load_run
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, data, _ = load_run(run_dir, data_dir=data_dir, caches=caches, device=device)
+    items = item_embeddings(model).cpu().numpy()[1:]
+    atomic_file(out / "items.npy", lambda f: np.save(f, items))
+    ids = np.arange(1, len(items) + 1)
+    table = pd.DataFrame({"row": ids - 1, "item_id": ids, "asin": data.asins[1:]})
+    write_table(table, out / "items.tsv")
+    written = {"items": str(out / "items.npy"), "shape": list(items.shape)}
+    if which is not None or histories is not None:
+        users = select_users(data, which or "test", histories)
+        u = user_embeddings(model, users.inputs).cpu().numpy()
+        atomic_file(out / "users.npy", lambda f: np.save(f, u))
+        write_table(pd.DataFrame({"row": np.arange(len(u)), "user": users.names}), out / "users.tsv")
+        written["users"] = str(out / "users.npy")
+    return written
