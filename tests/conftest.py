@@ -15,6 +15,16 @@ SCI_ITEMS = SCIENTIFIC / "Industrial_and_Scientific_items.tsv"
 SCI_USERS = SCIENTIFIC / "am_Industrial_and_Scientific_users.tsv"
 
 
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu-check runs these on one)")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
+
 # the one set of quick training settings (a test that needs more epochs says so: dict(QUICK, epochs=6))
 QUICK = dict(epochs=3, patience=3, batch_size=64, lr=2e-3, lr_san=2e-3)
 

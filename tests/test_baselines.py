@@ -140,3 +140,30 @@ def test_tpme_min_max_normalised_by_hand():
     assert s["fft"] == pytest.approx(1.0) and s["iisan"] == pytest.approx(0.0)
     assert s["lora"] == pytest.approx(0.45 * 70 / 90 + 0.1 * 0 + 0.45 * 35 / 45)
     assert tpme({"a": rows["fft"], "b": rows["fft"]}) == {"a": 0.0, "b": 0.0}
+
+
+@pytest.mark.parametrize("method", ["fft", "lora", "iisan"])
+def test_evaluation_builds_no_autograd_graph(tiny, small_demo, caches, method):
+    """Ranking every item keeps no tensor for a backward pass, for embedded baselines (whose
+    backbones train) as for cached IISAN: counted by autograd's own saved-tensor hooks."""
+    from iisan.train.loop import rank_all
+    from iisan.train.model import Inputs, build
+
+    _, data_dir = small_demo
+    data = PreparedData.load(data_dir)
+    if method == "iisan":
+        inputs = Inputs.of(caches=caches)
+    else:
+        specs = {"text": BackboneSpec(model=str(tiny["tiny-bert"])),
+                 "image": BackboneSpec(model=str(tiny["tiny-vit"]), modality="image")}  # fmt: skip
+        inputs = Inputs.of(backbones=specs)
+    model = build(ModelConfig(method=method, d=16), data, inputs, torch.device("cpu"))
+    sp = {k: torch.as_tensor(v[:64]) for k, v in data.splits.items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        ranks = rank_all(model, sp["valid_input"], sp["valid_target"], sp["valid_history"], 128)
+    assert saved == [] and not ranks.requires_grad and len(ranks) == 64
+    model.train()  # and training still builds one, through the backbones for the embedded methods
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        model.embed_items(torch.arange(1, 9)).sum().backward()
+    assert saved

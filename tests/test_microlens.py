@@ -198,3 +198,26 @@ def test_captioning_never_replaces_what_iisan_did_not_make(ml, llava, tmp_path):
     with pytest.raises(OutputError, match=r"cap.parts was not made by iisan or holds files it did not write"):
         caption(data_dir, _spec(llava), "cover", tmp_path / "cap")
     assert (parts / "notes.txt").read_text() == "a user's file" and (user / "notes.txt").is_file()
+
+
+def test_the_video_captioner_config_loads(llava, tmp_path):
+    """The workflow hands captioners JSON, whose keys are strings: GPU ids come back as ints
+    through the spec base that backbones share (accelerate refuses a device "0")."""
+    from iisan.extract.caption import Captioner
+    from iisan.pipeline.config import validate
+    from iisan.pipeline.workflow import Workflow
+
+    from conftest import REPO, merged_config
+
+    w = Workflow(validate(merged_config()))
+    spec = CaptionSpec.from_config(json.loads(w.captioner_json("microlens", "video")), "--captioner")
+    assert spec.max_memory == {0: "20GiB", "cpu": "96GiB"} and spec.device_map == "auto"
+    assert (REPO / spec.offload_folder).parent.name == "offload"
+    # the same path on this machine's devices: placed by accelerate under max_memory, and captioning
+    entry = {"model": str(llava), "device_map": "auto", "max_memory": {"cpu": "2GiB"},
+             "offload_folder": str(tmp_path / "off"), "max_new_tokens": 4}  # fmt: skip
+    cap = Captioner(CaptionSpec.from_config(entry, "--captioner"), "cpu")
+    assert {p.device.type for p in cap.model.parameters()} == {"cpu"}
+    from PIL import Image
+
+    assert len(cap([[Image.new("RGB", (32, 32), (200, 30, 30))]], "Describe.")) == 1

@@ -6,7 +6,9 @@ import sys
 import pytest
 import torch
 
+from iisan.core.device import resolve_device
 from iisan.core.errors import CacheMismatchError, ConfigError
+from iisan.core.measure import PeakMemory
 from iisan.train.settings import from_settings
 
 from conftest import QUICK, fit, iisan, read_json
@@ -24,7 +26,9 @@ def test_outputs_and_same_seed_same_metrics(small_demo, caches, tmp_path):
     assert m["config"]["lr"] == 2e-3 and m["caches"]["text"]["layers"] == [0, 2, 4, 6, 8, 10, 12]
     assert 1 <= m["best_epoch"] <= 3 and len(m["history"]) == 3
     eff = read_json(tmp_path / "a/efficiency.json")
-    assert eff["seconds_per_epoch"] > 0 and eff["peak_memory_bytes"] > 0 and eff["peak_memory_kind"] == "cpu_peak_rss"
+    assert eff["seconds_per_epoch"] > 0 and eff["peak_memory_bytes"] > 0
+    assert eff["peak_memory_kind"] == PeakMemory(resolve_device("auto")).kind  # of whichever device trained
+    assert eff["device"] == str(resolve_device("auto"))
     assert 0 < eff["trainable_parameters"] <= eff["total_parameters"]
     gates = read_json(tmp_path / "a/gates.json")
     assert set(gates) == {"text", "image", "inter"} and len(gates["text"]) == 7

@@ -10,6 +10,9 @@ import sys
 import pytest
 import yaml
 
+from iisan.core.device import resolve_device
+from iisan.core.measure import PeakMemory
+
 from conftest import REPO, merged_config
 
 pytestmark = pytest.mark.slow
@@ -105,7 +108,8 @@ def test_demo_dag_produces_report_tables_and_plots(demo_run, scenario):
     # what bounds extraction is recorded with the cache (the GPTQ model is offloaded to disk)
     stats = json.loads((wd / "results/demo/cache/tiny-llama-gptq/even6.done").read_text())["stats"]["shards"][0]
     assert stats["items_per_s"] > 0 and 0 <= stats["padding_share"] < 0.5 and stats["batch_size"] == 64
-    assert stats["streamed_weight_bytes_per_item"] > 0 and stats["peak_memory_kind"] == "cpu_peak_rss"
+    assert stats["streamed_weight_bytes_per_item"] > 0 and stats["layers_streamed"] == 17
+    assert stats["peak_memory_kind"] == PeakMemory(resolve_device("auto")).kind
     for exp in TARGET:
         for f in ("metrics.json", "efficiency.json"):
             assert (wd / "results/demo" / exp / f).is_file()
@@ -258,7 +262,9 @@ def test_time_and_memory_by_batch_size_target(demo_run):
     assert len(rows) == 1 + 4 and all(float(r.split(",")[6]) > 0 for r in rows[1:])  # s/epoch
     assert (wd / "results/report/bs_small/time_memory_by_batch_size.png").stat().st_size > 1000
     p = json.loads((wd / "results/demo/vs_tiny/profile/bs-8.steps-3.json").read_text())
-    assert p["peak_memory_kind"] == "cpu_peak_rss_above_baseline" and p["batch_size"] == 8 and p["steps"] == 3
+    cuda = resolve_device("auto").type == "cuda"
+    assert p["peak_memory_kind"] == ("cuda_max_allocated" if cuda else "cpu_peak_rss_above_baseline")
+    assert p["batch_size"] == 8 and p["steps"] == 3
 
 
 def test_snakemake_report_makes_one_html_page(demo_run):

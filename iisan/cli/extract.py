@@ -30,6 +30,50 @@ def cmd_extract(a):
         write_done(a.store, a.done, stats, shard=a.shard, nshards=a.nshards, init_only=a.init_only)
 
 
+def _backbone_spec(name_or_json: str, config_file: str):
+    """A backbone spec: a key of config.yaml's ``backbones`` (pipeline-only keys dropped), or JSON."""
+    from iisan.extract.specs import BackboneSpec
+
+    if name_or_json.lstrip().startswith(("{", "@")):
+        return BackboneSpec.from_config(json_arg(name_or_json, "backbone"), "backbone")
+    import yaml
+
+    from iisan.pipeline.config import validate
+    from iisan.pipeline.workflow import Workflow
+
+    with open(config_file, encoding="utf-8") as f:
+        config = validate(yaml.safe_load(f))
+    if name_or_json not in config["backbones"]:
+        from iisan.core.errors import ConfigError
+
+        raise ConfigError(f"backbone {name_or_json!r} is not in {config_file}; known: {sorted(config['backbones'])}")
+    return BackboneSpec.from_config(json.loads(Workflow(config).backbone_json(name_or_json)), name_or_json)
+
+
+def cmd_plan(a):
+    from iisan.extract.backbones import plan as plan_backbone
+    from iisan.extract.planner import parse_bytes
+
+    spec = _backbone_spec(a.backbone, a.config)
+    n_items = a.items
+    if a.data:
+        from iisan.data.prepared import PreparedData
+
+        n_items = PreparedData.load(a.data).n_items
+    plan = plan_backbone(spec, device=a.device, model_config=a.model_config, device_memory=a.device_memory,
+                         chunk_items=a.chunk_items, n_items=n_items, tokens_per_item=a.tokens_per_item)  # fmt: skip
+    bandwidth = parse_bytes(a.bandwidth.removesuffix("/s"), "--bandwidth")
+    flops = a.tflops * 1e12
+    if a.json:
+        print(json.dumps(plan.as_dict(bandwidth, flops), indent=2))
+        return
+    rows = plan.table(bandwidth, flops)
+    width = max(len(k) for k, _ in rows)
+    print(f"plan for {a.backbone} ({spec.model}) on {plan.device}:")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
 def cmd_caption(a):
     from iisan.extract.caption import caption
     from iisan.extract.specs import CaptionSpec
@@ -83,6 +127,21 @@ def add_commands(sub) -> None:
     s.add_argument("--init-only", action="store_true", help="create the empty store and exit")
     s.add_argument("--captions", help="a folder from `iisan caption`: encode these captions instead of the titles")
     s.set_defaults(func=cmd_extract)
+
+    s = sub.add_parser("plan", help="what an offloaded backbone keeps on the device, streams, and will cost")
+    s.add_argument("backbone", help="a key of config.yaml's `backbones`, or a backbone spec as JSON")
+    s.add_argument("--config", default="config.yaml", help="the pipeline config naming the backbone")
+    s.add_argument("--model-config", help="a folder with the model's config.json (default: the model, locally)")
+    s.add_argument("--device", help="execution device (default: a GPU when max_memory names one, else cpu)")
+    s.add_argument("--device-memory", help="the device's memory, e.g. 24GB (default: the GPU's, when present)")
+    s.add_argument("--data", help="a prepared dataset: plan for its items")
+    s.add_argument("--items", type=int, default=20_314, help="items to extract (default: Scientific's 20,314)")
+    s.add_argument("--tokens-per-item", type=float, help="mean tokens per item (default: 2/3 of max_text_len)")
+    s.add_argument("--chunk-items", type=int, default=1024, help="items per chunk (one streamed run each)")
+    s.add_argument("--bandwidth", default="25GB/s", help="host-to-device bandwidth (PCIe 4.0 x16: ~25GB/s)")
+    s.add_argument("--tflops", type=float, default=150.0, help="the device's fp16 TFLOP/s the forward reaches")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("caption", help="caption every item's cover or video frames with a vision-language model")
     s.add_argument("--data", required=True, help="prepared dataset folder")

@@ -11,6 +11,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# cuBLAS is deterministic only with a fixed workspace, read when its handle is created: set it before any CUDA work
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if isinstance(name, torch.device):
@@ -32,17 +35,26 @@ def input_device(model, default: torch.device) -> torch.device:
 
 
 @contextlib.contextmanager
-def deterministic():
-    """Deterministic kernels inside the block (the previous setting is restored after).
+def deterministic(device: torch.device | None = None):
+    """Deterministic kernels inside the block (the previous settings are restored after).
 
     Several CPU threads otherwise accumulate the gradient of an index (the item
-    encoder's gather of each slot's embedding) in a different order every run.
-    cuBLAS needs a fixed workspace to be deterministic; ops without a deterministic
-    implementation warn rather than fail."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    encoder's gather of each slot's embedding) in a different order every run. On
+    CUDA: cuBLAS with a fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, set when this
+    module is imported, before any CUDA work), cuDNN without autotuning, the math
+    attention kernel (flash and memory-efficient attention have no deterministic
+    backward), and an error rather than a warning for any op without a deterministic
+    implementation, so a run is reproducible or stops saying why."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cuda = torch.device(device or "cpu").type == "cuda"
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)  # fmt: skip
+    torch.use_deterministic_algorithms(True, warn_only=not cuda)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
-        yield
+        with sdpa_kernel(SDPBackend.MATH) if cuda else contextlib.nullcontext():
+            yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]

@@ -4,6 +4,7 @@ extraction, halved on an accelerator out-of-memory under `batch_size: auto`."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Sequence
 
@@ -41,6 +42,17 @@ def padded_tokens(lengths: Sequence[int], batches: list[list[int]]) -> tuple[int
     return real, padded
 
 
+# how allocation failures read when they do not arrive as torch.OutOfMemoryError (cuBLAS, cuDNN, ROCm)
+_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "HIP_ERROR_OUT_OF_MEMORY")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an accelerator allocation failure."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in _OOM_MESSAGES)
+    )
+
+
 class BatchSizer:
     """The batch limits of one extraction: ``batch_size`` items (``auto``: start at
     1024 on an accelerator and halve on out-of-memory, keeping the smaller size) and
@@ -73,6 +85,7 @@ class BatchSizer:
         self.max_items = max(1, failed_items // 2)
         if self.max_tokens:
             self.max_tokens = max(1, self.max_tokens // 2)
+        gc.collect()  # what the failed pass left in reference cycles
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         log.warning("out of memory at %d items per pass: batch_size auto now uses %d", failed_items, self.max_items)

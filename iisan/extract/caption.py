@@ -84,11 +84,9 @@ class Captioner:
 
         self.spec, self.device = spec, resolve_device(device)
         dtype = DTYPES[spec.dtype] or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        kw = dict(revision=spec.revision, local_files_only=spec.local_files_only, dtype=dtype)
-        if spec.device_map is not None:
+        kw = spec.pretrained_kwargs(dtype)
+        if spec.device_map is not None:  # generate() runs whole models: accelerate places and offloads them
             kw.update(device_map=spec.device_map, max_memory=spec.max_memory, offload_folder=spec.offload_folder)
-        if spec.quantization_config:
-            kw["quantization_config"] = spec.quantization_config
         try:
             self.processor = AutoProcessor.from_pretrained(
                 spec.model, revision=spec.revision, local_files_only=spec.local_files_only

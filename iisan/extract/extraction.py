@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from iisan.data.fields import CAPTION_FIELDS, DEFAULT_FIELD
 from iisan.data.prepared import PreparedData
 from iisan.extract import cache
 from iisan.extract.backbones import Backbone, load_processor, model_info, processor_image_size
-from iisan.extract.batching import BatchSizer
+from iisan.extract.batching import BatchSizer, is_out_of_memory
 from iisan.extract.cache import human_bytes
 from iisan.extract.caption_table import read_captions
 from iisan.extract.item_inputs import ItemInputs
@@ -73,6 +74,77 @@ def cache_attrs(data: PreparedData, spec: BackboneSpec, layers_spec, chunk_items
     }
 
 
+@dataclass
+class _Tally:
+    """What the passes of one extraction did (its figures)."""
+
+    passes: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    forward_seconds: float = 0.0
+
+
+def _passes(backbone: Backbone, sizer: BatchSizer, pool, raw: list, lengths: list[int], layers: list[int],
+            tally: _Tally, bar) -> dict[int, torch.Tensor]:  # fmt: skip
+    """Pooled taps of every item of a chunk, by position: batches sorted by length; a streaming
+    backbone runs them all layer by layer, any other one pass after another with the next
+    batch's inputs prepared in a thread meanwhile. An out-of-memory halves the batch size
+    (``batch_size: auto``) and re-plans what is left."""
+    done: dict[int, torch.Tensor] = {}
+    while len(done) < len(raw):
+        left = [p for p in range(len(raw)) if p not in done]
+        batches = [[left[p] for p in b] for b in sizer.plan([lengths[p] for p in left])]
+        running = {"batch": None}  # the pass being run, for the out-of-memory message and the halving
+        try:
+            if backbone.stream:  # one streamed run over the whole chunk: any of its passes may not fit
+                running["batch"] = max(batches, key=len)
+                t = time.perf_counter()
+                inputs = [backbone.encode_inputs([raw[p] for p in b]) for b in batches]
+                results = list(zip(batches, backbone.forward_batches(inputs, layers), strict=True))
+                _synchronize(backbone.device)
+                tally.forward_seconds += time.perf_counter() - t
+            else:
+                results = _pipelined(backbone, pool, raw, batches, layers, tally, running)
+            for b, pooled in results:
+                done.update(zip(b, pooled.to("cpu", torch.float16), strict=True))
+                tally.passes += 1
+                tally.real_tokens += sum(lengths[p] for p in b)
+                tally.padded_tokens += len(b) * max(lengths[p] for p in b)
+                bar.update(len(b))
+            running["batch"] = None
+        except RuntimeError as e:  # torch.OutOfMemoryError is one; cuBLAS's allocation failures are plain ones
+            if not is_out_of_memory(e):
+                raise
+        if running["batch"] is not None:  # out of the except: the failed pass's tensors are free to go
+            sizer.shrink(len(running["batch"]))  # raises unless `batch_size: auto`
+    return done
+
+
+def _pipelined(backbone: Backbone, pool, raw: list, batches: list[list[int]], layers: list[int], tally: _Tally,
+               running: dict):  # fmt: skip
+    """(batch, pooled) one pass after another, encoding the next batch in a thread meanwhile."""
+    encode = backbone.encode_inputs
+    pending = pool.submit(encode, [raw[p] for p in batches[0]])
+    try:
+        for j, b in enumerate(batches):
+            inputs = pending.result()
+            pending = pool.submit(encode, [raw[p] for p in batches[j + 1]]) if j + 1 < len(batches) else None
+            running["batch"] = b
+            t = time.perf_counter()
+            pooled = backbone.forward(inputs, layers)
+            _synchronize(backbone.device)
+            tally.forward_seconds += time.perf_counter() - t
+            yield b, pooled
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def extract(
     data_dir,
     spec: BackboneSpec,
@@ -94,105 +166,76 @@ def extract(
     attrs = cache_attrs(data, spec, layers_spec, chunk_items, caption_meta)
     writer = cache.CacheWriter(store, attrs, on_mismatch=on_mismatch)
     todo = [c for c in shard_chunks(writer.n_chunks, shard, nshards) if not writer.is_done(c)]
-    stats = {
-        "store": str(store),
-        "chunks_total": writer.n_chunks,
-        "chunks_done_now": 0,
-        "items": 0,
-        "seconds": 0.0,
-        "forward_seconds": 0.0,
-    }
+    stats = {"store": str(store), "chunks_total": writer.n_chunks, "chunks_done_now": 0, "items": 0, "seconds": 0.0,
+             "forward_seconds": 0.0}  # fmt: skip
     if init_only or not todo:
         return stats
     t_load = time.perf_counter()
     backbone = Backbone(spec, device)
     stats["load_seconds"] = time.perf_counter() - t_load
-    make_inputs = ItemInputs(data, backbone, texts)
-    layers = attrs["layers"]
-    sizer = BatchSizer(spec, backbone.input_device)
-    streamed = backbone.streamed_bytes()
-    cuda = backbone.input_device.type == "cuda"
-    real_tokens = padded_tokens = passes = 0
+    make_inputs, layers = ItemInputs(data, backbone, texts), attrs["layers"]
+    sizer, tally = BatchSizer(spec, backbone.device), _Tally()
+    moved0 = backbone.stream.moved_bytes if backbone.stream else 0
     t0 = time.perf_counter()
-
-    def encode(raw, batch):
-        return backbone.encode_inputs([raw[p] for p in batch])
-
     n_todo = sum(hi - max(lo, 1) for lo, hi in map(writer.chunk_rows, todo))  # real items; row 0 is padding
-    # the next batch's inputs are prepared in a thread while the model runs (torch releases the GIL)
     with (
-        PeakMemory(backbone.input_device) as peak,
+        PeakMemory(backbone.device) as peak,
         ThreadPoolExecutor(max_workers=1) as pool,
         tqdm(total=n_todo, desc=f"extract {Path(spec.model).name}", unit="item", disable=None) as bar,
     ):
         baseline = peak.peak_bytes
         for c in todo:
             lo, hi = writer.chunk_rows(c)
-            rows = np.zeros((hi - lo, len(layers), attrs["hidden"]), dtype=np.float16)
             ids = list(range(max(lo, 1), hi))
             raw = make_inputs.raw(ids)
-            lengths = backbone.token_lengths(raw)
-            left = list(range(len(ids)))  # positions in this chunk not yet written
-            while left:  # one plan per batch size; an out-of-memory halves it and re-plans what is left
-                batches = [[left[p] for p in b] for b in sizer.plan([lengths[p] for p in left])]
-                pending = pool.submit(encode, raw, batches[0])
-                for j, b in enumerate(batches):
-                    inputs = pending.result()
-                    pending = pool.submit(encode, raw, batches[j + 1]) if j + 1 < len(batches) else None
-                    tf = time.perf_counter()
-                    try:
-                        pooled = backbone.forward(inputs, layers)
-                        if cuda:
-                            torch.cuda.synchronize()
-                    except torch.OutOfMemoryError:
-                        if pending is not None:
-                            pending.cancel()
-                        sizer.shrink(len(b))  # raises unless `batch_size: auto`
-                        break
-                    stats["forward_seconds"] += time.perf_counter() - tf
-                    rows[[ids[p] - lo for p in b]] = pooled.to("cpu", torch.float16).numpy()
-                    done = set(b)
-                    left = [p for p in left if p not in done]
-                    real_tokens += sum(lengths[p] for p in b)
-                    padded_tokens += len(b) * max(lengths[p] for p in b)
-                    passes += 1
-                    bar.update(len(b))
+            pooled = _passes(backbone, sizer, pool, raw, backbone.token_lengths(raw), layers, tally, bar)
+            rows = np.zeros((hi - lo, len(layers), attrs["hidden"]), dtype=np.float16)
+            rows[[i - lo for i in ids]] = torch.stack([pooled[p] for p in range(len(ids))]).numpy()
             writer.write_chunk(c, rows)
             stats["chunks_done_now"] += 1
             stats["items"] += len(ids)
     stats["seconds"] = time.perf_counter() - t0
-    items = max(stats["items"], 1)
+    moved = (backbone.stream.moved_bytes if backbone.stream else 0) - moved0
+    _figures(stats, tally, sizer, peak, baseline, moved, backbone)
+    return stats
+
+
+def _figures(stats: dict, tally: _Tally, sizer: BatchSizer, peak: PeakMemory, baseline: int, moved: int,
+             backbone: Backbone) -> None:  # fmt: skip
+    """The extraction's figures, into ``stats`` and the log."""
+    items, cuda = max(stats["items"], 1), backbone.device.type == "cuda"
     stats.update(
         items_per_s=stats["items"] / max(stats["seconds"], 1e-9),
-        forward_share=stats["forward_seconds"] / max(stats["seconds"], 1e-9),
-        padding_share=1 - real_tokens / max(padded_tokens, 1),
-        passes=passes,
-        mean_batch_items=stats["items"] / max(passes, 1),
+        forward_seconds=tally.forward_seconds,
+        forward_share=tally.forward_seconds / max(stats["seconds"], 1e-9),
+        real_tokens=tally.real_tokens,
+        padded_tokens=tally.padded_tokens,
+        padding_share=1 - tally.real_tokens / max(tally.padded_tokens, 1),
+        passes=tally.passes,
+        mean_batch_items=stats["items"] / max(tally.passes, 1),
         batch_size=sizer.max_items,
         tokens_per_batch=sizer.max_tokens,
         peak_memory_kind=peak.kind,
         peak_memory_bytes=peak.peak_bytes,
         peak_memory_above_baseline_bytes=peak.peak_bytes - (0 if cuda else baseline),
-        streamed_weight_bytes_per_pass=streamed,
-        streamed_weight_bytes_per_item=streamed * passes / items,
+        layers_resident=len(backbone.placement.resident) if backbone.stream else backbone.info["n_layers"],
+        layers_streamed=len(backbone.placement.homes) if backbone.stream else 0,
+        streamed_weight_bytes=moved,  # counted as they moved (iisan.extract.streaming)
+        streamed_weight_bytes_per_chunk=moved / max(stats["chunks_done_now"], 1),
+        streamed_weight_bytes_per_pass=moved / max(tally.passes, 1),
+        streamed_weight_bytes_per_item=moved / items,
     )
     stats["outside_forward_share"] = 1 - stats["forward_share"]
     log.info(
         "extracted %d items in %.1fs: %.0f items/s, forward %.0f%% of the time, padding %.1f%% of tokens, "
         "%d passes of up to %d items%s, peak %s %s above baseline%s",
-        stats["items"],
-        stats["seconds"],
-        stats["items_per_s"],
-        100 * stats["forward_share"],
-        100 * stats["padding_share"],
-        passes,
-        sizer.max_items,
-        f" / {sizer.max_tokens} tokens" if sizer.max_tokens else "",
-        peak.kind,
+        stats["items"], stats["seconds"], stats["items_per_s"], 100 * stats["forward_share"],
+        100 * stats["padding_share"], tally.passes, sizer.max_items,
+        f" / {sizer.max_tokens} tokens" if sizer.max_tokens else "", peak.kind,
         human_bytes(stats["peak_memory_above_baseline_bytes"]),
-        f", {human_bytes(stats['streamed_weight_bytes_per_item'])} of weights streamed per item" if streamed else "",
-    )
-    return stats
+        f", {human_bytes(moved)} of weights streamed ({human_bytes(stats['streamed_weight_bytes_per_item'])} per item)"
+        if moved else "",
+    )  # fmt: skip
 
 
 def finish(store, done_file, stats: dict | None = None, shard_files=()) -> dict:

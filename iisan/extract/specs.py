@@ -50,6 +50,13 @@ class ModelSpec:
         if self.max_memory:  # YAML/JSON give GPU ids as strings; accelerate wants ints
             self.max_memory = {int(k) if str(k).isdigit() else k: v for k, v in self.max_memory.items()}
 
+    def pretrained_kwargs(self, dtype) -> dict:
+        """What ``from_pretrained`` receives for this spec, where the weights go apart."""
+        kw = dict(revision=self.revision, local_files_only=self.local_files_only, dtype=dtype)
+        if self.quantization_config:
+            kw["quantization_config"] = self.quantization_config
+        return kw
+
     @classmethod
     def from_config(cls, entry: dict, where: str | None = None):
         """A config entry (or ``--backbone``/``--captioner`` JSON), validated against this
@@ -70,6 +77,17 @@ class BackboneSpec(ModelSpec):
         "items per forward pass in extraction (a cap when tokens_per_batch is set); auto: start at 1024 and halve "
         "on accelerator out-of-memory (on CPU: the tokens budget, 8192 unless given)",
         schema={"oneOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}]},
+    )
+    device_map: str | None = setting(
+        None,
+        "auto: keep on the accelerator what max_memory allows and stream the other layers through it, one "
+        "layer at a time for a chunk of items (iisan.extract.streaming; `iisan plan` shows the placement)",
+        schema={"enum": ["auto", None]},
+    )
+    backend: str | None = setting(
+        None,
+        "GPTQ kernel (gptqmodel's BACKEND: torch, triton, marlin, exllama_v2, ...); default: gptqmodel's "
+        "choice, or torch when layers stream (a kernel that repacks its weights cannot stream)",
     )
     tokens_per_batch: int | None = setting(
         None,

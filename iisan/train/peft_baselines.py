@@ -113,7 +113,7 @@ class EmbeddedItemEncoder(ItemEncoder):
         parts = []
         for m, b in self._backbones.items():
             last = [b.info["n_layers"]]
-            pooled = b.forward(self.inputs[m](ids.tolist()), last, grad=True)[:, 0]  # (M, H) CLS of the last layer
+            pooled = b.forward(self.inputs[m](ids.tolist()), last, trainable=True)[:, 0]  # (M, H) CLS of the last layer
             parts.append(pooled.float().to(ids.device))
         return self.head(torch.cat(parts, dim=-1))
 

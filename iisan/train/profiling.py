@@ -19,7 +19,7 @@ import math
 import psutil
 import torch
 
-from iisan.core.device import deterministic
+from iisan.core.device import deterministic, resolve_device
 from iisan.core.errors import ConfigError
 from iisan.core.measure import PeakMemory, Stopwatch, count_parameters
 from iisan.train import methods
@@ -34,7 +34,7 @@ def profile(data_dir, mc: ModelConfig, tc: TrainConfig, batch_size: int, steps: 
     """Time ``steps`` training steps at ``batch_size``; returns seconds and peak memory."""
     if not methods.get(mc.method).trains:
         raise ConfigError(f"method {mc.method!r} has nothing to train, so no training time to profile")
-    with deterministic():
+    with deterministic(resolve_device(tc.device)):
         s = setup(data_dir, mc, tc, inputs)
         s.model.train()
         g = torch.Generator().manual_seed(tc.seed)
