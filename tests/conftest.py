@@ -8,6 +8,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# digests remembered by the tests stay with them (iisan.core.digests)
+os.environ.setdefault("IISAN_CACHE_DIR", str(Path(__import__("tempfile").mkdtemp(prefix="iisan-test-cache-"))))
 
 REPO = Path(__file__).resolve().parents[1]
 SCIENTIFIC = REPO.parent / "shared" / "data" / "amazon" / "scientific"

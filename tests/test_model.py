@@ -156,7 +156,8 @@ def test_ranking_metrics_match_brute_force():
     target = torch.randint(1, N + 1, (U,), generator=g)
     history = torch.randint(0, N + 1, (U, 6), generator=g)
     history[0, 0] = target[0]  # a repeated target is a miss
-    ranks = rank_of_target(scores, target, history)
+    ranks = rank_of_target(scores, torch.eye(N + 1), target, history)  # users @ I.T: exactly these scores
+    assert torch.equal(ranks, rank_of_target(scores, torch.eye(N + 1), target, history, item_block=7))  # blocks
     hits, ndcg = 0, 0.0
     for u in range(U):
         hist = set(history[u].tolist()) - {0}

@@ -236,7 +236,7 @@ def test_a_generated_dataset_may_have_any_name(demo_run):
     ov = overlay(wd, "toy.yaml", {"datasets": {"toy": {"synth": {"items": 40, "users": 50, "seed": 4}}}})
     snakemake(wd, "--cores", "1", "results/toy/data", overlays=[ov])
     meta = json.loads((wd / "results/toy/data/meta.json").read_text())
-    assert meta["sources"]["items"] == "results/toy/raw/toy_items.tsv" and meta["n_items"] > 0
+    assert meta["sources"]["items"] == str(wd / "results/toy/raw/toy_items.tsv") and meta["n_items"] > 0
 
 
 def test_changing_a_users_image_folder_reruns_preparation_and_image_extraction(demo_run):

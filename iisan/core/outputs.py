@@ -26,16 +26,33 @@ MARKER = ".iisan-output.json"
 def atomic_write(path, write: Callable[[Path], None]) -> Path:
     """``write(tmp)`` writes a sibling temporary file, which then replaces ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e  # name the output, not a temporary
     os.close(fd)
     try:
         write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        cause = _os_error(e)
+        if cause is not None:  # torch.save turns a full disk into a RuntimeError: name the output and why
+            raise OSError(cause.errno, cause.strerror, str(path)) from e
         raise
     return path
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError in an exception's chain (itself, or what it was raised from or during)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def atomic_file(path, write: Callable) -> Path:
@@ -58,7 +75,8 @@ def atomic_json(path, obj) -> Path:
 
 
 def _files(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()}
+    """Every file and folder below ``root``, relative: a folder a user put there counts as theirs."""
+    return {p.relative_to(root).as_posix() + ("/" if p.is_dir() else "") for p in root.rglob("*")}
 
 
 def check_replaceable(out: Path, kind: str) -> None:
@@ -70,7 +88,7 @@ def check_replaceable(out: Path, kind: str) -> None:
     if out.is_symlink() or not out.is_dir():
         raise OutputError(f"{out} exists and is not a folder iisan made; refusing to replace it\n  fix: {fix}")
     found = _files(out)
-    if not found and not any(out.iterdir()):
+    if not found:
         return
     marker = out / MARKER
     try:
@@ -83,7 +101,9 @@ def check_replaceable(out: Path, kind: str) -> None:
         raise OutputError(
             f"{out} holds an iisan {record.get('kind')!r}, not a {kind!r}; refusing to replace it\n  fix: {fix}"
         )
-    foreign = sorted(found - set(record.get("files", [])) - {MARKER})
+    ours = set(record.get("files", []))
+    ours |= {f"{parent.as_posix()}/" for f in ours for parent in Path(f).parents if parent != Path(".")}
+    foreign = sorted(found - ours - {MARKER})
     if foreign:
         raise OutputError(
             f"{out} holds {len(foreign)} file(s) iisan did not write (e.g. {foreign[:3]}); refusing to replace it\n"

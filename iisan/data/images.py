@@ -98,6 +98,33 @@ class ImageSource:
                 return p.name
         return None
 
+    def read_bytes(self, key: str) -> bytes:
+        """The stored bytes of an image (the file, the zip member, the LMDB record), undecoded."""
+        if self._is_lmdb:
+            with self._lmdb().begin() as txn:
+                return bytes(txn.get(key.encode("utf-8")))
+        if self._zip is not None:
+            with self._zip.open(key) as f:
+                return f.read()
+        return (self.path / key).read_bytes()
+
+    def check_header(self, key: str, raw: bytes) -> None:
+        """A cheap validity check, no pixels decoded: the file must open as an image (an LMDB
+        record must unpickle to the authors' record)."""
+        try:
+            if self._is_lmdb:
+                _safe_loads(raw)
+            else:
+                with Image.open(io.BytesIO(raw)):
+                    pass
+        except Exception as e:  # any malformed file is the same user problem
+            where = f"{self.path} (key {key})" if self._is_lmdb else self.path / key
+            raise DataError(
+                where,
+                f"image cannot be decoded ({e.__class__.__name__})",
+                "re-download or replace the file, or delete it and set `missing_images: blank`",
+            ) from e
+
     def load(self, key: str) -> Image.Image:
         """RGB image for a key from ``locate``; DataError if it cannot be decoded."""
         if self._is_lmdb:

@@ -69,6 +69,10 @@ def _sha(*parts: str) -> str:
     return h.hexdigest()
 
 
+def _absolute(path) -> str:
+    return str(Path(path).resolve())
+
+
 def _read_raw(items_path, users_path, ps: PrepareSettings):
     """(ASIN -> title in file order, [(user, [ASIN, ...])]) from the raw layout."""
     if ps.format == "microlens":
@@ -82,7 +86,9 @@ def _read_raw(items_path, users_path, ps: PrepareSettings):
 
 def _check_images(src: ImageSource, asins: list[str], missing_images: str) -> tuple[list[str], str, int]:
     """Each item's image key ('' = none), the images' fingerprint and how many are missing.
-    Every image is decoded here, so a broken file fails now rather than mid-extraction."""
+    The fingerprint is of the stored bytes, read but not decoded (decoding a million JPEGs
+    takes hours; extraction decodes them, in parallel); a file that does not even open as
+    an image fails here."""
     keys, digest, n_missing = [""] * len(asins), hashlib.sha256(), 0
     for i, a in enumerate(tqdm(asins, desc="checking images", unit="img", disable=None)):
         key = src.locate(a)
@@ -93,8 +99,9 @@ def _check_images(src: ImageSource, asins: list[str], missing_images: str) -> tu
             n_missing += 1
             digest.update(f"{a}:blank\0".encode())
             continue
-        im = src.load(key)
-        digest.update(f"{a}:{im.size}:".encode() + hashlib.sha256(im.tobytes()).digest())
+        raw = src.read_bytes(key)
+        src.check_header(key, raw)
+        digest.update(f"{a}:".encode() + hashlib.sha256(raw).digest())
         keys[i] = key
     if n_missing:
         log.warning("%d of %d items have no image in %s; using blank images", n_missing, len(asins), src.path)
@@ -133,7 +140,12 @@ def prepare(items_path, users_path, out, images=None, **settings) -> dict:
         "n_items": len(asins),
         "n_interactions": int(sum(len(s) for s in seqs)),
         **{k: v for k, v in asdict(ps).items() if k in ("min_seq_len", "max_seq_len", "format")},
-        "sources": {"items": str(items_path), "users": str(users_path), "images": str(images) if images else None},
+        # absolute: every later stage reads the same files from whatever folder it runs in
+        "sources": {
+            "items": _absolute(items_path),
+            "users": _absolute(users_path),
+            "images": _absolute(images) if images else None,
+        },
         "image_source_kind": src.kind if src else None,
         "missing_images": n_missing,
         "text_fingerprint": _sha(*asins, *titles),

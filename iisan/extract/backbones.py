@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from iisan.core.device import resolve_device
+from iisan.core.digests import file_digest
 from iisan.core.errors import ModelLoadError
 from iisan.extract.planner import CUDA_CONTEXT_BYTES, Plan, budget, parse_bytes, place, sizes_from_config
 from iisan.extract.specs import BackboneSpec
@@ -105,33 +106,20 @@ def model_info(spec: BackboneSpec) -> dict:
 # files of a local model folder that decide its outputs: weights, configs, tokenizer and processor files
 MODEL_FILE_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".json", ".model",
                        ".txt", ".tiktoken"}  # fmt: skip
-_SAMPLES, _BLOCK = 16, 1 << 16
 
 
 def weights_fingerprint(folder) -> str:
-    """A digest of a local model folder: each model file's name and size, and its
-    content (whole for small files; for large ones the safetensors header, which
-    lists every tensor's dtype, shape and offsets, and 16 evenly spaced 64 KiB
-    blocks), so replacing the weights changes it while a 140 GB model costs a
-    few milliseconds. Logs and iisan's own markers are left out."""
+    """A digest of a local model folder: each model file's name, size and every byte of it
+    (iisan.core.digests: read once, then remembered while the file is unchanged), so a
+    change to any byte of any weight, config or tokenizer file changes it. Logs and
+    iisan's own markers are left out."""
     root = Path(folder)
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
         if not p.is_file() or p.suffix not in MODEL_FILE_SUFFIXES or rel.parts[0] == "logs" or p.name.startswith("."):
             continue
-        size = p.stat().st_size
-        h.update(f"{rel.as_posix()}\0{size}\0".encode())
-        with p.open("rb") as f:
-            if size <= _SAMPLES * _BLOCK:
-                h.update(f.read())
-                continue
-            if p.suffix == ".safetensors":
-                n = int.from_bytes(f.read(8), "little")
-                h.update(f.read(min(n, 100 << 20)))
-            for i in range(_SAMPLES):
-                f.seek((size - _BLOCK) * i // (_SAMPLES - 1))
-                h.update(f.read(_BLOCK))
+        h.update(f"{rel.as_posix()}\0{p.stat().st_size}\0{file_digest(p)}\0".encode())
     return h.hexdigest()[:16]
 
 

@@ -16,6 +16,7 @@ other settings are discarded, never mixed in.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -158,6 +159,24 @@ def _own_parts(parts: Path) -> dict:
 _CHUNK = re.compile(r"chunk-\d{5}\.tsv|\.(chunk-\d{5}\.tsv|\.iisan-output\.json)\.[a-z0-9_]+\.tmp")
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _part(parts: Path, c: int) -> str | None:
+    """A finished part's captions (``id<TAB>caption`` lines), or None if it is missing or damaged
+    (its last line is the checksum of the others; a damaged one is captioned again, logged)."""
+    path = parts / f"chunk-{c:05d}.tsv"
+    if not path.is_file():
+        return None
+    body, _, last = path.read_text("utf-8").rstrip("\n").rpartition("\n")
+    body += "\n" if body else ""
+    if last != f"#sha256\t{_sha256(body)}":
+        log.warning("caption part %s is damaged (its checksum does not match): captioning it again", path)
+        return None
+    return body
+
+
 def _has_pictures(data: PreparedData, source: str, frames, i: int) -> bool:
     return bool(data.image_keys[i] if source == "cover" else frames.frames.get(data.asins[i]))
 
@@ -184,7 +203,7 @@ def caption(data_dir, spec: CaptionSpec, source: str, out, *, frames=None, devic
     frame_source = FrameSource(frames) if source == "video" else None
     n, size = data.n_items, spec.chunk_items
     chunks = [(c, range(1 + c * size, min(1 + (c + 1) * size, n + 1))) for c in range(-(-n // size))]
-    todo = [(c, ids) for c, ids in chunks if not (parts / f"chunk-{c:05d}.tsv").is_file()]
+    todo = [(c, ids) for c, ids in chunks if _part(parts, c) is None]
     t0, model, generated = time.perf_counter(), None, 0
     with tqdm(total=sum(len(ids) for _, ids in todo), desc=f"caption {source}", unit="item", disable=None) as bar:
         for c, ids in todo:
@@ -199,10 +218,11 @@ def caption(data_dir, spec: CaptionSpec, source: str, out, *, frames=None, devic
                 generated += len(batch)
                 bar.update(len(batch))
             bar.update(len(ids) - len(have))
-            atomic_text(parts / f"chunk-{c:05d}.tsv", "".join(f"{i}\t{t}\n" for i, t in zip(ids, caps, strict=True)))
+            body = "".join(f"{i}\t{t}\n" for i, t in zip(ids, caps, strict=True))
+            atomic_text(parts / f"chunk-{c:05d}.tsv", f"{body}#sha256\t{_sha256(body)}\n")
     texts = [""]
     for c, _ in chunks:
-        texts += [line.split("\t", 1)[1] for line in (parts / f"chunk-{c:05d}.tsv").read_text("utf-8").splitlines()]
+        texts += [line.split("\t", 1)[1] for line in _part(parts, c).splitlines()]
     missing = sum(not _has_pictures(data, source, frame_source, i) for i in range(1, n + 1))
     empty = sum(1 for t in texts[1:] if not t) - missing
     summary = {**ident, "n_missing_pictures": missing, "n_empty_captions": empty,
@@ -212,11 +232,10 @@ def caption(data_dir, spec: CaptionSpec, source: str, out, *, frames=None, devic
         log.warning("%d of %d items have no %s to caption: their caption is empty", missing, n, source)
     if empty:
         log.warning("%d of %d generated captions are empty (kept as empty text)", empty, n)
+    table = "id\titem\tcaption\n" + "".join(f"{i}\t{data.asins[i]}\t{texts[i]}\n" for i in range(1, n + 1))
+    summary["table_sha256"] = _sha256(table)  # read_captions checks the table is still what was written
     with output_folder(out, "captions", {"source": source}) as tmp:
-        with (tmp / "captions.tsv").open("w", encoding="utf-8") as f:
-            f.write("id\titem\tcaption\n")
-            for i in range(1, n + 1):
-                f.write(f"{i}\t{data.asins[i]}\t{texts[i]}\n")
+        (tmp / "captions.tsv").write_text(table, encoding="utf-8")
         (tmp / "captions.json").write_text(json.dumps(summary, indent=2))
     _own_parts(parts)
     shutil.rmtree(parts)

@@ -29,13 +29,16 @@ def read_captions(folder, data: PreparedData) -> tuple[list[str], dict]:
     if meta["items_fingerprint"] != data.meta["text_fingerprint"] or meta["n_items"] != data.n_items:
         raise DataError(folder, f"captions were made for another item table than {data.root}",
                         "re-run `iisan caption` on this prepared dataset")  # fmt: skip
+    table = (folder / "captions.tsv").read_text(encoding="utf-8")
+    if meta.get("table_sha256") != hashlib.sha256(table.encode("utf-8")).hexdigest():
+        raise DataError(folder / "captions.tsv", "does not match the checksum captions.json records for it "
+                        "(changed or damaged since `iisan caption` wrote it)",
+                        f"run `iisan caption` again into {folder} (after moving this folder away)")  # fmt: skip
     texts = [""]
-    with (folder / "captions.tsv").open(encoding="utf-8") as f:
-        next(f)
-        for no, line in enumerate(f, start=2):
-            i, item, text = line.rstrip("\n").split("\t")
-            if int(i) != len(texts) or item != data.asins[int(i)]:
-                raise DataError(folder / "captions.tsv", f"row for item {item!r} is out of place",
-                                "re-run `iisan caption`", line=no)  # fmt: skip
-            texts.append(text)
+    for no, line in enumerate(table.splitlines()[1:], start=2):
+        i, item, text = line.split("\t")
+        if int(i) != len(texts) or item != data.asins[int(i)]:
+            raise DataError(folder / "captions.tsv", f"row for item {item!r} is out of place",
+                            "re-run `iisan caption`", line=no)  # fmt: skip
+        texts.append(text)
     return texts, meta

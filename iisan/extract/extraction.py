@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from iisan.core.errors import ConfigError, DataError
+from iisan.core.errors import ConfigError, DataError, ExtractionError
 from iisan.core.measure import PeakMemory
 from iisan.core.provenance import code_hash
 from iisan.data.fields import CAPTION_FIELDS, DEFAULT_FIELD
@@ -25,6 +25,7 @@ from iisan.extract.cache import human_bytes
 from iisan.extract.caption_table import read_captions
 from iisan.extract.item_inputs import ItemInputs
 from iisan.extract.layerdrop import select_layers
+from iisan.extract.lock import holding
 from iisan.extract.specs import BackboneSpec
 
 log = logging.getLogger(__name__)
@@ -164,16 +165,44 @@ def extract(
     data = PreparedData.load(data_dir)
     texts, caption_meta = read_captions(captions, data) if captions else (None, None)
     attrs = cache_attrs(data, spec, layers_spec, chunk_items, caption_meta)
-    writer = cache.CacheWriter(store, attrs, on_mismatch=on_mismatch)
-    todo = [c for c in shard_chunks(writer.n_chunks, shard, nshards) if not writer.is_done(c)]
-    stats = {"store": str(store), "chunks_total": writer.n_chunks, "chunks_done_now": 0, "items": 0, "seconds": 0.0,
-             "forward_seconds": 0.0}  # fmt: skip
-    if init_only or not todo:
-        return stats
+    n = cache.n_chunks(attrs)
+    mine = range(n) if nshards == 1 or init_only else shard_chunks(n, shard, nshards)
+    with holding(store, mine, "extract" if not init_only else "create"):  # the only writer of these chunks
+        if nshards > 1 and not init_only and not Path(store).exists():
+            raise ConfigError(f"{store} does not exist yet: shards write a store `iisan extract --init-only` "
+                              "creates\n  fix: run it first (the workflow's cache_init job does)")  # fmt: skip
+        writer = cache.CacheWriter(store, attrs, on_mismatch=on_mismatch)
+        stats = {"store": str(store), "chunks_total": writer.n_chunks, "chunks_done_now": 0, "items": 0,
+                 "seconds": 0.0, "forward_seconds": 0.0}  # fmt: skip
+        if init_only:
+            return stats
+        todo = _todo(writer, mine, stats)
+        if todo:
+            _extract_chunks(data, spec, texts, writer, todo, device, stats)
+    return stats
+
+
+def _todo(writer: cache.CacheWriter, mine: range, stats: dict) -> list[int]:
+    """This job's chunks to extract: those not finished, and finished ones whose bytes are
+    damaged since (checked against their checksums: a repair, logged)."""
+    done = [c for c in mine if writer.is_done(c)]
+    damaged = cache.CacheReader(writer.store, writer.attrs).check(done) if done else []
+    for d in damaged:
+        lo, hi = cache.chunk_items_range(writer.attrs, d.chunk)
+        log.warning("%s: chunk %d (items %d-%d) is damaged (%s); extracting it again", writer.store, d.chunk, lo, hi,
+                    d.problem)  # fmt: skip
+        writer.undo(d.chunk)
+    stats["chunks_repaired"] = len(damaged)
+    return [c for c in mine if not writer.is_done(c)]
+
+
+def _extract_chunks(data, spec: BackboneSpec, texts, writer: cache.CacheWriter, todo: list[int], device,
+                    stats: dict) -> None:  # fmt: skip
     t_load = time.perf_counter()
     backbone = Backbone(spec, device)
     stats["load_seconds"] = time.perf_counter() - t_load
-    make_inputs, layers = ItemInputs(data, backbone, texts), attrs["layers"]
+    layers, hidden = writer.attrs["layers"], writer.attrs["hidden"]
+    make_inputs = ItemInputs(data, backbone, texts)
     sizer, tally = BatchSizer(spec, backbone.device), _Tally()
     moved0 = backbone.stream.moved_bytes if backbone.stream else 0
     t0 = time.perf_counter()
@@ -189,15 +218,31 @@ def extract(
             ids = list(range(max(lo, 1), hi))
             raw = make_inputs.raw(ids)
             pooled = _passes(backbone, sizer, pool, raw, backbone.token_lengths(raw), layers, tally, bar)
-            rows = np.zeros((hi - lo, len(layers), attrs["hidden"]), dtype=np.float16)
+            rows = np.zeros((hi - lo, len(layers), hidden), dtype=np.float16)
             rows[[i - lo for i in ids]] = torch.stack([pooled[p] for p in range(len(ids))]).numpy()
+            _finite(rows, lo, layers, spec, data)
             writer.write_chunk(c, rows)
             stats["chunks_done_now"] += 1
             stats["items"] += len(ids)
+    make_inputs.close()
     stats["seconds"] = time.perf_counter() - t0
     moved = (backbone.stream.moved_bytes if backbone.stream else 0) - moved0
     _figures(stats, tally, sizer, peak, baseline, moved, backbone)
-    return stats
+
+
+def _finite(rows: np.ndarray, lo: int, layers: list[int], spec: BackboneSpec, data) -> None:
+    """Refuse pooled states that are not finite (a half-precision model overflowing, as Gemma can in
+    fp16): stored, they would rank as nonsense rather than fail."""
+    bad = ~np.isfinite(rows)
+    if not bad.any():
+        return
+    items = sorted({lo + int(i) for i in np.flatnonzero(bad.any(axis=(1, 2)))})
+    taps = [layers[int(k)] for k in np.flatnonzero(bad.any(axis=(0, 2)))]
+    raise ExtractionError(
+        f"backbone {spec.model!r} gave non-finite pooled states (dtype {spec.dtype}, stored as float16) for "
+        f"{len(items)} item(s), ids {items[:10]} (e.g. {data.asins[items[0]]!r}), at hidden-state layer(s) {taps}",
+        "set the backbone's `dtype: float32` (or bfloat16, whose range float16 lacks) and extract again",
+    )
 
 
 def _figures(stats: dict, tally: _Tally, sizer: BatchSizer, peak: PeakMemory, baseline: int, moved: int,

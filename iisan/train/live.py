@@ -55,14 +55,14 @@ def _specs(inputs: Inputs) -> dict[str, BackboneSpec]:
     return specs
 
 
-def live_sources(data: PreparedData, inputs: Inputs, device, method) -> ItemSources:
+def live_sources(data: PreparedData, inputs: Inputs, device, method, **_) -> ItemSources:
     loaded = {m: Backbone(s, device) for m, s in _specs(inputs).items()}
     taps = {m: select_layers(b.info["n_layers"], inputs.layers(m)) for m, b in loaded.items()}
     ids = {m: {**b.identity(), "layers": taps[m], "mode": method.name} for m, b in loaded.items()}
     return ItemSources(data, features=LiveFeatures(data, loaded, taps), identities=ids)
 
 
-def backbone_sources(data: PreparedData, inputs: Inputs, device, method) -> ItemSources:
+def backbone_sources(data: PreparedData, inputs: Inputs, device, method, **_) -> ItemSources:
     # weights that train keep float32 masters (auto would pick bf16 on a GPU)
     specs = {m: dataclasses.replace(s, dtype="float32") if s.dtype == "auto" else s for m, s in _specs(inputs).items()}
     loaded = {m: Backbone(s, device) for m, s in specs.items()}

@@ -35,7 +35,7 @@ from iisan.data.prepared import PreparedData
 from iisan.train import checkpoint
 from iisan.train.loss import debiased_in_batch_ce
 from iisan.train.metrics import hr_ndcg, rank_of_target
-from iisan.train.model import Inputs, Recommender, build
+from iisan.train.model import Inputs, Recommender, build, item_embeddings, user_embeddings
 from iisan.train.settings import ModelConfig, TrainConfig, settings
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,13 @@ LOG = "train.log"
 
 @torch.no_grad()
 def rank_all(model: Recommender, inputs, targets, history, batch: int) -> torch.Tensor:
-    """0-based rank of each user's target among all items (history excluded)."""
-    model.eval()
-    n1 = model.cfg.n_items + 1
-    all_ids = torch.arange(n1, device=inputs.device)
-    items = torch.cat([model.embed_items(all_ids[i : i + batch]) for i in range(0, n1, batch)])  # (N+1, d)
+    """0-based rank of each user's target among all items (history excluded): the items encoded
+    ``batch`` at a time, then users ``batch`` at a time ranked in blocks (iisan.train.metrics)."""
+    items = item_embeddings(model, batch, float32=False)  # (N+1, d)
     ranks = []
     for i in range(0, len(inputs), batch):
-        u = model.users(inputs[i : i + batch])  # (U, d)
-        ranks.append(rank_of_target(u @ items.T, targets[i : i + batch], history[i : i + batch]))
+        u = user_embeddings(model, inputs[i : i + batch], batch, float32=False)  # (U, d)
+        ranks.append(rank_of_target(u, items, targets[i : i + batch], history[i : i + batch]))
     return torch.cat(ranks)
 
 
@@ -129,7 +127,7 @@ def setup(data_dir, mc: ModelConfig, tc: TrainConfig, inputs: Inputs) -> Session
     device = resolve_device(tc.device)
     data = PreparedData.load(data_dir)
     sp = {k: torch.as_tensor(v, device=device) for k, v in data.splits.items()}
-    model = build(mc, data, inputs, device)
+    model = build(mc, data, inputs, device, tc.residency)
     groups = model.param_groups(tc)
     opt = torch.optim.Adam(groups, weight_decay=tc.weight_decay) if groups else None
     log_pop = torch.log(torch.as_tensor(data.popularity, dtype=torch.float32, device=device).clamp_min(1e-12))
@@ -207,13 +205,13 @@ def _fit(s: Session, tc: TrainConfig, out: Path) -> dict:
             state["bad_evals"] = 0 if improved else state["bad_evals"] + 1
             entry.update({f"valid_{key}": v for key, v in valid.items()}, eval_seconds=time.perf_counter() - t_eval)
             hr, ndcg, mark = valid[f"HR@{k}"], valid[f"NDCG@{k}"], "  *" if improved else ""
-            log.info("epoch %3d  loss %.4f  valid HR@%d %.4f  NDCG@%d %.4f  %.1fs%s", epoch, mean_loss, k, hr, k, ndcg,
-                     entry["train_seconds"], mark)  # fmt: skip
+            log.info("epoch %3d  loss %.4f  valid HR@%d %.4f  NDCG@%d %.4f  train %.1fs  eval %.1fs%s", epoch,
+                     mean_loss, k, hr, k, ndcg, entry["train_seconds"], entry["eval_seconds"], mark)  # fmt: skip
             if state["bad_evals"] >= tc.patience:
                 log.info("early stop: no better valid HR@%d in %d evaluations", k, tc.patience)
                 state["stopped"] = True
         else:
-            log.info("epoch %3d  loss %.4f  %.1fs", epoch, mean_loss, entry["train_seconds"])
+            log.info("epoch %3d  loss %.4f  train %.1fs", epoch, mean_loss, entry["train_seconds"])
         state["history"].append(entry)
         state["epoch"], state["peak_bytes"] = epoch, peak.peak_bytes
         checkpoint.save_resume(out / RESUME, run_id, model, s.opt, _rng_state(rng), state)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from iisan.core.errors import ConfigError
 
-# what each kind of input is opened by: (data, model.Inputs, device, Method) -> model.ItemSources
+# what each kind of input is opened by: (data, model.Inputs, device, Method, residency=) -> model.ItemSources
 SOURCES = {
     "cache": "iisan.train.features:cached_sources",
     "live": "iisan.train.live:live_sources",
@@ -68,10 +68,10 @@ class Method:
     def user_encoder_class(self):
         return load(self.user_encoder)
 
-    def open(self, data, inputs, device):
+    def open(self, data, inputs, device, residency: str = "auto"):
         """What this method's item encoder reads (``inputs``: an ``iisan.train.model.Inputs``),
-        opened on ``device``: an ``iisan.train.model.ItemSources``."""
-        return load(self.sources)(data, inputs, device, self)
+        opened on ``device`` (caches where ``residency`` says): an ``iisan.train.model.ItemSources``."""
+        return load(self.sources)(data, inputs, device, self, residency=residency)
 
     @property
     def modules(self) -> tuple[str, ...]:

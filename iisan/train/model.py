@@ -98,7 +98,7 @@ class ItemSources:
         return [b.model for b in getattr(self.features, "backbones", {}).values()]
 
 
-def data_sources(data: PreparedData, inputs: Inputs, device, method) -> ItemSources:
+def data_sources(data: PreparedData, inputs: Inputs, device, method, **_) -> ItemSources:
     """Sources for methods that read item ids only."""
     return ItemSources(data)
 
@@ -162,10 +162,35 @@ class Recommender(nn.Module):
         return self.items.diagnostics()
 
 
-def build(mc: ModelConfig, data: PreparedData, inputs: Inputs, device) -> Recommender:
+def build(mc: ModelConfig, data: PreparedData, inputs: Inputs, device, residency: str = "auto") -> Recommender:
     """The model for ``mc.method`` over ``inputs`` on ``device``: the method resolved once,
-    its inputs opened, the shapes derived (``model.cfg``; ``mc`` is not changed)."""
+    its inputs opened (caches where ``residency`` says: iisan.train.features), the shapes
+    derived (``model.cfg``; ``mc`` is not changed)."""
     method = methods.get(mc.method)
-    sources = method.open(data, inputs, device)
+    sources = method.open(data, inputs, device, residency)
     cfg = dataclasses.replace(mc, n_items=data.n_items, max_len=data.max_len, peft=dict(mc.peft))
     return Recommender(method, method.item_encoder_class(cfg, sources), sources).to(device)
+
+
+def _device(model) -> torch.device:
+    return next(iter(model.buffers()), next(model.parameters(), torch.empty(0))).device
+
+
+@torch.no_grad()
+def item_embeddings(model: Recommender, chunk: int, float32: bool = True) -> torch.Tensor:
+    """Every item's embedding, (N+1, d) (row 0 = padding), encoded ``chunk`` items at a time;
+    float32 unless ``float32=False`` keeps the encoder's own dtype (popularity's float64)."""
+    model.eval()
+    n1 = model.cfg.n_items + 1
+    ids = torch.arange(n1, device=_device(model))
+    parts = [model.embed_items(ids[i : i + chunk]) for i in range(0, n1, chunk)]
+    return torch.cat([p.float() for p in parts] if float32 else parts)
+
+
+@torch.no_grad()
+def user_embeddings(model: Recommender, inputs: torch.Tensor, chunk: int, float32: bool = True) -> torch.Tensor:
+    """The user state after each history, (U, d), on the model's device, ``chunk`` users at a time."""
+    model.eval()
+    inputs = inputs.to(_device(model))
+    parts = [model.users(inputs[i : i + chunk]) for i in range(0, len(inputs), chunk)]
+    return torch.cat([p.float() for p in parts] if float32 else parts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 from iisan.core.errors import ConfigError, ConfigValidationError
 from iisan.core.schema import check, fields, schema_of, setting
@@ -71,6 +72,11 @@ class TrainConfig:
     seed: int = setting(12345, "seeds parameters, data order and dropout", minimum=0)
     eval_batch_size: int = setting(2048, "users (and items) per evaluation batch", minimum=1)
     device: str = setting("auto", "auto: cuda if available, else cpu", pattern="^(auto|cpu|cuda(:[0-9]+)?|mps)$")
+    residency: Literal["auto", "device", "host", "disk"] = setting(
+        "auto",
+        "where cached features reside while training: device, host (memory) or disk (read in place); "
+        "auto picks by size and free memory (iisan.train.features)",
+    )
     metric_k: int = setting(10, "cut-off of HR@k / NDCG@k (early stopping, reports, recommend's default k)",
                             minimum=1)  # fmt: skip
 

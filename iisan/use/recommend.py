@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iisan.core.errors import DataError
+from iisan.core.errors import ConfigError, DataError
 from iisan.core.outputs import atomic_file, atomic_write
 from iisan.data.prepared import PreparedData, left_pad
+from iisan.train.metrics import ITEM_BLOCK, USER_BLOCK
+from iisan.train.model import item_embeddings, user_embeddings
 
 log = logging.getLogger(__name__)
-
-USER_CHUNK, ITEM_CHUNK = 1024, 16384  # a 64 MiB float32 score block
 
 
 @dataclass
@@ -95,27 +95,6 @@ def _pick_users(data: PreparedData, rows, which) -> list[tuple[str, list[int]]]:
     return [(w, by_name[w]) for w in wanted]
 
 
-def _device(model) -> torch.device:
-    return next(iter(model.buffers()), next(model.parameters(), torch.empty(0))).device
-
-
-@torch.no_grad()
-def item_embeddings(model, chunk: int = ITEM_CHUNK) -> torch.Tensor:
-    """Every item's embedding, (N+1, d) float32 (row 0 = padding)."""
-    model.eval()
-    n1 = model.cfg.n_items + 1
-    ids = torch.arange(n1, device=_device(model))
-    return torch.cat([model.embed_items(ids[i : i + chunk]).float() for i in range(0, n1, chunk)])
-
-
-@torch.no_grad()
-def user_embeddings(model, inputs: torch.Tensor, chunk: int = USER_CHUNK) -> torch.Tensor:
-    """The user state after each history, (U, d) float32, on the model's device."""
-    model.eval()
-    inputs = inputs.to(_device(model))
-    return torch.cat([model.users(inputs[i : i + chunk]).float() for i in range(0, len(inputs), chunk)])
-
-
 def _keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """int64 keys ordered as (score descending, id ascending): an order-preserving int32 image
     of the float32 score in the high half, the complement of the id in the low half."""
@@ -125,7 +104,7 @@ def _keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def top_k(users: torch.Tensor, items: torch.Tensor, exclude: torch.Tensor | None, k: int,
-          user_chunk: int = USER_CHUNK, item_chunk: int = ITEM_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+          user_chunk: int = USER_BLOCK, item_chunk: int = ITEM_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Top-``k`` items per user by dot product: (scores (U, k) float32, item ids (U, k) int64).
 
     ``items``: (N+1, d) with row 0 the padding item (never recommended); ``exclude``:
@@ -140,6 +119,7 @@ def top_k(users: torch.Tensor, items: torch.Tensor, exclude: torch.Tensor | None
         best = torch.full((len(u), k), lowest, dtype=torch.int64)
         for i0 in range(0, n1, item_chunk):
             scores = u @ items[i0 : i0 + item_chunk].T  # (Uc, Ic)
+            scores = scores.masked_fill(~torch.isfinite(scores), -torch.inf)  # non-finite: never recommended
             if i0 == 0:
                 scores[:, 0] = -torch.inf
             if ex is not None:
@@ -176,16 +156,21 @@ def _score_of(keys: torch.Tensor) -> torch.Tensor:
 
 
 def recommend(run_dir, k: int | None = None, which: str = "test", histories=None, keep_history: bool = False,
-              data_dir=None, caches=None, device="cpu", user_chunk: int = USER_CHUNK,
-              item_chunk: int = ITEM_CHUNK):  # fmt: skip
+              data_dir=None, caches=None, device="cpu", user_chunk: int = USER_BLOCK,
+              item_chunk: int = ITEM_BLOCK):  # fmt: skip
     """Top-``k`` recommendations of a trained run: a DataFrame with one row per (user, rank):
     user, rank (1-based), item_id, asin, score, title."""
     import pandas as pd
 
     from iisan.use.trained import load_run
 
+    if k is not None and k < 1:
+        raise ConfigError(f"`k`={k}: recommend at least one item per user\n  fix: give --k 1 or more")
     model, data, ckpt = load_run(run_dir, data_dir=data_dir, caches=caches, device=device)
     k = k or ckpt["train_config"]["metric_k"]  # by default the run's own cut-off
+    if k > data.n_items:
+        log.warning("k=%d is more than the %d items of the catalogue: at most %d per user", k, data.n_items,
+                    data.n_items)  # fmt: skip
     users = select_users(data, which, histories)
     items = item_embeddings(model, item_chunk).cpu()
     u = user_embeddings(model, users.inputs, user_chunk).cpu()
@@ -202,6 +187,10 @@ def recommend(run_dir, k: int | None = None, which: str = "test", histories=None
         "score": scores.reshape(-1).numpy(),
         "title": np.where(ok, titles[np.where(ok, flat, 0)], ""),
     })  # fmt: skip
+    empty = [name for name, row in zip(users.names, ids.numpy(), strict=True) if row[0] < 0]
+    if empty:  # their history is the whole catalogue: nothing is left to recommend
+        log.warning("%d user(s) have nothing left to recommend (their history holds every item): %s", len(empty),
+                    ", ".join(empty[:20]) + (" ..." if len(empty) > 20 else ""))  # fmt: skip
     return frame[ok].reset_index(drop=True)
 
 
@@ -227,7 +216,7 @@ def export_embeddings(run_dir, out, which: str | None = None, histories=None, da
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, data, _ = load_run(run_dir, data_dir=data_dir, caches=caches, device=device)
-    items = item_embeddings(model).cpu().numpy()[1:]
+    items = item_embeddings(model, ITEM_BLOCK).cpu().numpy()[1:]
     atomic_file(out / "items.npy", lambda f: np.save(f, items))
     ids = np.arange(1, len(items) + 1)
     table = pd.DataFrame({"row": ids - 1, "item_id": ids, "asin": data.asins[1:]})
@@ -235,7 +224,7 @@ def export_embeddings(run_dir, out, which: str | None = None, histories=None, da
     written = {"items": str(out / "items.npy"), "shape": list(items.shape)}
     if which is not None or histories is not None:
         users = select_users(data, which or "test", histories)
-        u = user_embeddings(model, users.inputs).cpu().numpy()
+        u = user_embeddings(model, users.inputs, USER_BLOCK).cpu().numpy()
         atomic_file(out / "users.npy", lambda f: np.save(f, u))
         write_table(pd.DataFrame({"row": np.arange(len(u)), "user": users.names}), out / "users.tsv")
         written["users"] = str(out / "users.npy")

@@ -67,7 +67,7 @@ def _same_inputs(run: Path, ckpt: dict, model: Recommender) -> None:
             )
 
 
-def load_run(run_dir, *, data_dir=None, caches: dict | None = None, device="cpu"):
+def load_run(run_dir, *, data_dir=None, caches: dict | None = None, device="cpu", residency: str = "auto"):
     """Rebuild a trained recommender from its folder alone: ``(model, data, checkpoint)``.
 
     ``data_dir`` and ``caches`` (modality -> store) default to where the run read
@@ -77,7 +77,7 @@ def load_run(run_dir, *, data_dir=None, caches: dict | None = None, device="cpu"
     data = PreparedData.load(data_dir or ckpt["dataset"]["root"])
     _same_dataset(run / "model.pt", ckpt, data)
     model = build(model_config_from_dict(ckpt["config"]), data, Inputs.from_record(ckpt["inputs"], caches),
-                  resolve_device(device))  # fmt: skip
+                  resolve_device(device), residency)  # fmt: skip
     _same_inputs(run, ckpt, model)
     if dataclasses.asdict(model.cfg) != ckpt["config"]:
         raise CheckpointError(f"{run / 'model.pt'}: the inputs give a model of another shape than the checkpoint's")
