@@ -34,7 +34,7 @@ from iisan.core.outputs import atomic_file, atomic_json, claim_folder
 from iisan.data.prepared import PreparedData
 from iisan.train import checkpoint
 from iisan.train.loss import debiased_in_batch_ce
-from iisan.train.metrics import hr_ndcg, rank_of_target
+from iisan.train.metrics import USER_BLOCK, hr_ndcg, rank_of_target
 from iisan.train.model import Inputs, Recommender, build, item_embeddings, user_embeddings
 from iisan.train.settings import ModelConfig, TrainConfig, settings
 
@@ -53,8 +53,10 @@ def rank_all(model: Recommender, inputs, targets, history, batch: int) -> torch.
     items = item_embeddings(model, batch, float32=False)  # (N+1, d)
     ranks = []
     for i in range(0, len(inputs), batch):
-        u = user_embeddings(model, inputs[i : i + batch], batch, float32=False)  # (U, d)
-        ranks.append(rank_of_target(u, items, targets[i : i + batch], history[i : i + batch]))
+        u = user_embeddings(model, inputs[i : i + batch], batch, float32=False, items=items)  # (U, d)
+        for j in range(0, len(u), USER_BLOCK):  # scores of at most USER_BLOCK users at a time
+            sl = slice(i + j, i + j + USER_BLOCK)
+            ranks.append(rank_of_target(u[j : j + USER_BLOCK], items, targets[sl], history[sl]))
     return torch.cat(ranks)
 
 

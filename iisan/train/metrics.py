@@ -4,27 +4,40 @@ Ranks are counted in blocks of users x items, so memory is bounded by the blocks
 (``USER_BLOCK`` x ``ITEM_BLOCK`` scores), not by the catalogue: each target's score
 is taken from the very block product it is compared in (the same shapes give the
 same bits), then every block adds the items scoring at least as high. With one item
-block (catalogues up to ``ITEM_BLOCK`` items) that is one product per user block.
+block (catalogues up to ``ITEM_BLOCK`` items, the paper's datasets among them) that is
+one product per user block, scored in place.
 """
 
 from __future__ import annotations
 
 import torch
 
-USER_BLOCK, ITEM_BLOCK = 1024, 16384  # a 64 MiB float32 score block (recommend's top-K uses the same)
+USER_BLOCK, ITEM_BLOCK = 1024, 65536  # at most 256 MiB of float32 scores; one item block up to 65,536 items
 
 
-def _block_scores(users: torch.Tensor, items: torch.Tensor, i0: int, history: torch.Tensor) -> torch.Tensor:
-    """``users @ items.T`` for one item block starting at id ``i0``: excluded items (the padding
-    item 0, each user's history) and non-finite scores (the worst possible) are -inf."""
-    s = users @ items.T  # (U, I)
-    s = torch.where(torch.isfinite(s), s, torch.tensor(float("-inf"), dtype=s.dtype, device=s.device))
+def _block_scores(users: torch.Tensor, items: torch.Tensor, i0: int, history: torch.Tensor,
+                  bad: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """``users @ items.T`` for one item block starting at id ``i0``, with excluded items (the
+    padding item 0, each user's history) and items whose embedding is not finite (``bad``,
+    block-local columns) at -inf: the worst, never counted above a target."""
+    s = users @ items.T  # (U, I), ours to change in place
     if i0 == 0:
         s[:, 0] = float("-inf")
-    local = history - i0
-    rows, cols = ((history > 0) & (local >= 0) & (local < s.shape[1])).nonzero(as_tuple=True)
-    s[rows, local[rows, cols]] = float("-inf")
+    if bad is not None and len(bad):
+        s[:, bad] = float("-inf")
+    if i0 == 0 and s.shape[1] == len(items) and history.numel() and int(history.max()) < s.shape[1]:
+        s.scatter_(1, history, float("-inf"))  # the whole catalogue in this block: every id is a column
+    else:
+        local = history - i0
+        rows, cols = ((history > 0) & (local >= 0) & (local < s.shape[1])).nonzero(as_tuple=True)
+        s[rows, local[rows, cols]] = float("-inf")
     return s
+
+
+def _at_least(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """How many scores of each row are >= its threshold; ``s`` is overwritten (an in-place
+    comparison and a float sum, exact below 2**24 columns, are 8x faster than a boolean count)."""
+    return s.ge_(t[:, None]).sum(1).long()
 
 
 def rank_of_target(users: torch.Tensor, items: torch.Tensor, target: torch.Tensor, history: torch.Tensor,
@@ -33,23 +46,30 @@ def rank_of_target(users: torch.Tensor, items: torch.Tensor, target: torch.Tenso
 
     users: (U, d); items: (N+1, d) (row 0 = padding); target: (U,); history: (U, H) ids,
     0-padded. History items are removed from the ranking; a target that is itself in
-    the history is a miss (rank N+1), as is a target whose score is not finite. Ties
-    count against the target (pessimistic); other items' non-finite scores never beat it."""
+    the history is a miss (rank N+1), as is one whose score is not finite (a user's or
+    the target's embedding that is not). Ties count against the target (pessimistic);
+    items whose embedding is not finite rank below every other."""
     n1, blocks = len(items), range(0, len(items), item_block)
+    bad_items = (~torch.isfinite(items).all(1)).nonzero(as_tuple=True)[0]
     in_hist = (history == target[:, None]).any(1)
     t = torch.full((len(users),), float("-inf"), dtype=users.dtype, device=users.device)
     above = torch.zeros(len(users), dtype=torch.long, device=users.device)
-    single = len(blocks) == 1
-    for i0 in blocks:  # the targets' own scores, each from its block's product
+
+    def bad(i0):
+        local = bad_items[(bad_items >= i0) & (bad_items < i0 + item_block)] - i0
+        return local if len(local) else None
+
+    for i0 in blocks:  # the targets' own scores, each from its block's product (the same bits pass 2 compares)
         mine = ((target >= i0) & (target < i0 + item_block)).nonzero(as_tuple=True)[0]
         if len(mine):
-            s = _block_scores(users, items[i0 : i0 + item_block], i0, history)
+            s = _block_scores(users, items[i0 : i0 + item_block], i0, history, bad(i0))
             t[mine] = s[mine, target[mine] - i0]
-            if single:
-                above += (s >= t[:, None]).sum(1)
-    if not single:
+            if len(blocks) == 1:  # one block: the product just made is the whole comparison
+                above += _at_least(s, t)
+            del s
+    if len(blocks) > 1:
         for i0 in blocks:
-            above += (_block_scores(users, items[i0 : i0 + item_block], i0, history) >= t[:, None]).sum(1)
+            above += _at_least(_block_scores(users, items[i0 : i0 + item_block], i0, history, bad(i0)), t)
     miss = in_hist | ~torch.isfinite(t)
     return torch.where(miss, torch.full_like(above, n1), above - 1)  # the target counted itself
 

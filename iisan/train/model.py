@@ -150,8 +150,11 @@ class Recommender(nn.Module):
         e = self.embed_items(uniq)[inv]
         return e * (seqs != 0)[..., None]
 
-    def users(self, inputs: torch.Tensor) -> torch.Tensor:  # (U, T) -> (U, d): state at the last position
-        return self.seq(self.embed_slots(inputs), inputs != 0)[:, -1]
+    def users(self, inputs: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """(U, T) -> (U, d): the state at the last position. ``items``: every item's embedding,
+        (N+1, d), when already computed (evaluation), so histories are looked up, not re-encoded."""
+        slots = self.embed_slots(inputs) if items is None else items[inputs] * (inputs != 0)[..., None]
+        return self.seq(slots, inputs != 0)[:, -1]
 
     def param_groups(self, tc: TrainConfig) -> list[dict]:
         groups = self.items.param_groups(tc)
@@ -188,9 +191,11 @@ def item_embeddings(model: Recommender, chunk: int, float32: bool = True) -> tor
 
 
 @torch.no_grad()
-def user_embeddings(model: Recommender, inputs: torch.Tensor, chunk: int, float32: bool = True) -> torch.Tensor:
-    """The user state after each history, (U, d), on the model's device, ``chunk`` users at a time."""
+def user_embeddings(model: Recommender, inputs: torch.Tensor, chunk: int, float32: bool = True,
+                    items: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The user state after each history, (U, d), on the model's device, ``chunk`` users at a
+    time (``items``: the item embeddings, if computed already)."""
     model.eval()
     inputs = inputs.to(_device(model))
-    parts = [model.users(inputs[i : i + chunk]) for i in range(0, len(inputs), chunk)]
+    parts = [model.users(inputs[i : i + chunk], items) for i in range(0, len(inputs), chunk)]
     return torch.cat([p.float() for p in parts] if float32 else parts)

@@ -172,8 +172,9 @@ def recommend(run_dir, k: int | None = None, which: str = "test", histories=None
         log.warning("k=%d is more than the %d items of the catalogue: at most %d per user", k, data.n_items,
                     data.n_items)  # fmt: skip
     users = select_users(data, which, histories)
-    items = item_embeddings(model, item_chunk).cpu()
-    u = user_embeddings(model, users.inputs, user_chunk).cpu()
+    table = item_embeddings(model, item_chunk, float32=False)  # each item encoded once, histories looked up
+    u = user_embeddings(model, users.inputs, user_chunk, items=table).cpu()
+    items = table.float().cpu()
     scores, ids = top_k(u, items, None if keep_history else users.exclude, k, user_chunk, item_chunk)
     n, kk = ids.shape
     flat = ids.reshape(-1).numpy()
