@@ -105,7 +105,7 @@ def test_the_config_schema_is_derived_from_the_stages_dataclasses():
         assert v["default"] == getattr(mc if hasattr(mc, k) else tc, k), k
     assert run["properties"]["peft"]["properties"]["lora_r"]["default"] == PEFTConfig().lora_r
     backbone = s["$defs"]["backbone"]["properties"]
-    assert set(pipeline_only("backbone")) == {"tiny", "shards", "params_b"}
+    assert set(pipeline_only("backbone")) == {"tiny", "shards", "params_b", "n_layers"}
     assert set(backbone) == {f.name for f in dataclasses.fields(BackboneSpec)} | set(pipeline_only("backbone"))
     assert {k: backbone[k]["default"] for k in backbone if k not in pipeline_only("backbone") and k != "model"} == {
         f.name: f.default for f in dataclasses.fields(BackboneSpec) if f.name != "model"
@@ -161,6 +161,23 @@ def test_the_shipped_config_and_scenarios_validate(config):
         (
             lambda c: c["experiments"]["popularity"].update(text={"backbone": "tiny-bert"}),
             r"method 'pop' reads no item content",
+        ),
+        (  # Table III's IISAN-VA row as it was: BERT-large keeps 12 + 1 taps against ViT-base's 6 + 1
+            lambda c: c["experiments"]["va_bert_large"]["text"].pop("layers"),
+            r"experiments\.va_bert_large: the text tower taps 13 layers of bert-large and the image tower 7 of "
+            r"vit-base.*`layers: \{n: 6\}`.*allow_unequal_taps: true",
+        ),
+        (
+            lambda c: c["experiments"]["v8_12e_6e"]["train"].pop("allow_unequal_taps"),
+            r"experiments\.v8_12e_6e: the text tower taps 13 layers",
+        ),
+        (
+            lambda c: c["targets"]["table4"].update(include=["paper_all"]),
+            r"targets\.(table4|paper_all)\.include: the target includes itself",
+        ),
+        (
+            lambda c: c["targets"]["figure5"].update(include=["table4"]),
+            r"targets\.figure5: a time-and-memory study \(batch_sizes\) cannot `include`",
         ),
     ],
 )

@@ -60,6 +60,33 @@ def test_reader_applies_the_amazon_preparation_rules(ml, tmp_path):
     assert data.meta["image_source_kind"] == "zip" and data.image_keys[3].endswith("/3.jpg")
 
 
+def test_microlens_is_prepared_as_published_every_interaction_kept(tmp_path):
+    # the published structure in small: every user >= 5 items, a long tail of heavy users (MicroLens-100K:
+    # 100,000 users, 19,738 items, 719,405 interactions), some items seen only early in a long history
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(5, 9, 180), rng.integers(14, 60, 20)])
+    n_items = 150
+    seqs = [[int(x) for x in rng.integers(1, 121, n)] for n in lengths]
+    for i, s in enumerate(seqs[180:]):  # items 121..140 only ever at the start of a heavy user's history
+        s[0] = 121 + i
+    (tmp_path / "titles.csv").write_text("".join(f"{i},title {i}\n" for i in range(1, n_items + 1)))
+    (tmp_path / "pairs.tsv").write_text("".join(f"{u}\t{' '.join(map(str, s))}\n" for u, s in enumerate(seqs, 1)))
+    full = prepare(tmp_path / "titles.csv", tmp_path / "pairs.tsv", tmp_path / "full", format="microlens",
+                   truncate=False)  # fmt: skip
+    cut = prepare(tmp_path / "titles.csv", tmp_path / "pairs.tsv", tmp_path / "cut", format="microlens")
+    used = {x for s in seqs for x in s}
+    assert (full["n_users"], full["n_items"], full["n_interactions"]) == (200, len(used), int(lengths.sum()))
+    assert full["truncate"] is False and cut["truncate"] is True
+    assert cut["n_interactions"] == sum(min(n, 13) for n in lengths) and cut["n_items"] < full["n_items"]
+    data = PreparedData.load(tmp_path / "full")
+    early = data.asins.index("121")
+    assert data.popularity[early] > 0  # counted in the loss's popularity, though outside every input window
+    heavy = 180  # the first heavy user: targets are the last two items, inputs the 10 before, as for Amazon
+    ids = [data.asins.index(str(x)) for x in seqs[heavy]]
+    assert data.splits["test_target"][heavy] == ids[-1] and data.splits["valid_target"][heavy] == ids[-2]
+    assert data.splits["test_input"][heavy].tolist() == ids[-11:-1]
+
+
 def test_bad_microlens_input_is_named(ml, tmp_path, caplog):
     raw, _ = ml
     titles = tmp_path / "titles.csv"
@@ -95,8 +122,14 @@ def test_captions_one_per_item_greedy_and_recorded(ml, llava, tmp_path):
     assert texts == read_captions(tmp_path / "b", data)[0] and a["fingerprint"] == b["fingerprint"]  # greedy
     assert len(set(texts[1:])) > 50  # captions depend on the picture
     assert meta["prompt"].startswith("Describe this video cover") and meta["max_new_tokens"] == 6
+    from iisan.extract.caption import COVER_EXAMPLES, VIDEO_EXAMPLES
+
+    assert all(e in meta["prompt"] for e in COVER_EXAMPLES)  # the paper's in-context examples
     assert meta["decoding"] == "greedy" and meta["weights"] and meta["source"] == "cover"
     assert not (tmp_path / "a.parts").exists()
+    default_video = caption(data_dir, _spec(llava, chunk_items=200), "video", tmp_path / "dv", frames=raw["frames"])
+    assert default_video["prompt"].startswith("These are three evenly spaced frames")
+    assert all(e in default_video["prompt"] for e in VIDEO_EXAMPLES)
     video = caption(data_dir, _spec(llava, prompt="What happens?"), "video", tmp_path / "v", frames=raw["frames"])
     assert video["prompt"] == "What happens?" and video["n_missing_pictures"] == 0
     assert video["fingerprint"] != a["fingerprint"]
@@ -179,6 +212,30 @@ def test_caption_caches_record_their_field_and_serve_either_tower(ml, llava, tin
     prepare(titles, ml[0]["users"], other, format="microlens")
     with pytest.raises(DataError, match="captions were made for another item table"):
         extract(other, bert, {}, tmp_path / "x.zarr", captions=tmp_path / "cover", chunk_items=64)
+
+
+def test_fft_reads_a_caption_field(ml, llava, tiny, tmp_path):
+    # Table IX's single-text rows are FFT of BERT on one caption field
+    from iisan.extract.backbones import Backbone
+    from iisan.extract.specs import BackboneSpec
+    from iisan.train.model import Inputs, build
+    from iisan.train.settings import ModelConfig
+
+    _, data_dir = ml
+    data = PreparedData.load(data_dir)
+    caption(data_dir, _spec(llava), "cover", tmp_path / "cover")
+    texts, meta = read_captions(tmp_path / "cover", data)
+    bert = BackboneSpec(model=str(tiny["tiny-bert"]))
+    inputs = Inputs.of(backbones={"text": bert}, captions={"text": str(tmp_path / "cover")})
+    model = build(ModelConfig(method="fft"), data, inputs, torch.device("cpu"))
+    tokenise = Backbone(bert, torch.device("cpu")).encode_inputs
+    seen = model.items.inputs["text"]([3, 7])
+    assert torch.equal(seen["input_ids"], tokenise([texts[3], texts[7]])["input_ids"])  # the captions' tokens
+    assert not torch.equal(seen["input_ids"], tokenise([data.titles[3], data.titles[7]])["input_ids"])
+    assert model.sources.identities["text"]["captions_fingerprint"] == meta["fingerprint"]
+    assert inputs.record()["captions"] == {"text": str((tmp_path / "cover").resolve())}
+    with pytest.raises(Exception, match="--text-captions: captions are read by a backbone in the loop"):
+        Inputs.of(caches={"text": "x.zarr"}, captions={"text": str(tmp_path / "cover")})
 
 
 def test_captioning_never_replaces_what_iisan_did_not_make(ml, llava, tmp_path):

@@ -63,6 +63,18 @@ def test_inter_tower_with_dtl_and_unequal_taps_pairs_the_top_taps():
     assert InterTower(2, 4, 4, 3, True).dtl is None  # VS: same width, no DTL
 
 
+def test_inter_tower_projects_a_wider_image_down_to_the_text_width():
+    # BERT-base + ViT-large: the authors' code runs the inter tower at the text width
+    it = InterTower(taps=1, text_width=1, image_width=2, bottleneck=1, learned_gates=True)
+    assert it.width == 1 and it.project == "image" and it.dtl[0].in_features == 2
+    _set(it.blocks[0].down, [[1.0]], [0.0])  # SANB(x) = x + .5 relu(x)
+    _set(it.blocks[0].up, [[0.5]], [0.0])
+    _set(it.dtl[0], [[1.0, 2.0]], [0.5])  # DTL(v) = v1 + 2 v2 + .5
+    ht, hv = torch.tensor([[[3.0]]]), torch.tensor([[[1.0, 1.0]]])
+    # V = 3.5, X = 3 (the text tap, not projected); m = SANB(.5*3.5 + .5*3) = 3.25 * 1.5
+    assert it(ht, hv).item() == pytest.approx(4.875)
+
+
 class FakeFeatures:
     def __init__(self, kt, wt, kv, wv):
         self.shapes = {"text": (kt, wt), "image": (kv, wv)}
@@ -81,17 +93,28 @@ def _encoder(kt, wt, kv, wv, **kw):
     [
         (7, 64, 7, 64, True, True, 3),  # VS
         (7, 128, 7, 64, True, True, 3),  # VA (DTL)
+        (7, 64, 7, 128, True, True, 3),  # a wider image encoder (DTL on the image side)
+        (13, 64, 7, 64, True, True, 3),  # 12+6 taps, allowed below
         (7, 32, 0, 0, True, True, 1),  # text only: inter switches itself off
         (7, 64, 7, 64, False, True, 1),  # w/o intra
         (7, 64, 7, 64, True, False, 2),  # w/o inter
     ],
 )
 def test_item_encoder_shapes_for_every_variant(kt, wt, kv, wv, intra, inter, heads):
-    enc = _encoder(kt, wt, kv, wv, intra=intra, inter=inter)
+    enc = _encoder(kt, wt, kv, wv, intra=intra, inter=inter, allow_unequal_taps=kt != kv and kv > 0)
     assert len(enc.heads) == heads and enc.fusion.in_features == heads * 16
+    if enc.inter is not None:  # the inter tower and its head at the narrower width
+        assert enc.heads["inter"].in_features == min(wt, wv) == enc.inter.blocks[0].down.in_features
     e = enc.encode(torch.randn(5, kt, wt) if kt else None, torch.randn(5, kv, wv) if kv else None)
     assert e.shape == (5, 16)
     assert (enc.cfg.text_taps, enc.cfg.text_width, enc.cfg.image_taps, enc.cfg.image_width) == (kt, wt, kv, wv)
+
+
+def test_unequal_tap_counts_are_refused_unless_allowed():
+    with pytest.raises(ConfigError, match=r"text input has 13 taps and the image input 7.*allow_unequal_taps: true"):
+        _encoder(13, 64, 7, 64)
+    assert _encoder(13, 64, 7, 64, allow_unequal_taps=True).inter.taps == 7
+    assert _encoder(13, 64, 0, 0).cfg.text_taps == 13  # one modality: nothing to pair
 
 
 def test_item_encoder_needs_a_modality():

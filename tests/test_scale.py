@@ -142,3 +142,26 @@ def test_backbones_in_the_loop_hold_no_catalogue_of_pixels(tiny, small_demo, kin
         assert held == 0 and enc([3, 5])["pixel_values"].shape == (2, 3, 32, 32)  # read per batch
     else:  # titles: token ids of every item, small
         assert 0 < held <= (data.n_items + 1) * b.spec.max_text_len * 8 * 3
+
+
+def test_loading_a_cache_into_memory_holds_it_once(tmp_path):
+    # host residency: the array itself plus at most a chunk's worth, not a whole-cache mask beside it
+    import tracemalloc
+
+    n, k, h, chunk = 8191, 7, 64, 512
+    attrs = {"model": "generated", "revision": None, "weights": None, "modality": "text", "n_layers": 12,
+             "layers": list(range(0, 13, 2)), "pooling": "mean", "hidden": h, "quantization": None,
+             "dtype": "float16", "max_text_len": 30, "image_size": None, "field": "title", "input_fingerprint": "x",
+             "data_fingerprint": "x", "n_items": n, "chunk_items": chunk, "code": "test"}  # fmt: skip
+    writer = cache.CacheWriter(tmp_path / "c.zarr", attrs, on_mismatch="rebuild")
+    rng = np.random.default_rng(0)
+    for c in range(writer.n_chunks):
+        lo, hi = writer.chunk_rows(c)
+        writer.write_chunk(c, rng.standard_normal((hi - lo, k, h), dtype=np.float32).astype("float16"))
+    reader = cache.CacheReader(tmp_path / "c.zarr")
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc
+    rows = reader.read_all()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert rows.shape == (n + 1, k, h) and np.isfinite(rows).all()
+    assert rows.nbytes <= peak < rows.nbytes + 4 * chunk * k * h * 2  # (a whole-array mask: + nbytes / 2)

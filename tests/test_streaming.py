@@ -110,7 +110,9 @@ def test_gptq_layer_sizes_by_hand_and_from_the_config_equal_the_loaded_tensors(t
 
 def test_the_70b_plan_is_the_configs_arithmetic():
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    entry = {k: v for k, v in config["backbones"]["llama3-70b-gptq"].items() if k not in ("tiny", "shards", "params_b")}
+    from iisan.pipeline.config import pipeline_only
+
+    entry = {k: v for k, v in config["backbones"]["llama3-70b-gptq"].items() if k not in pipeline_only("backbone")}
     plan = plan_backbone(BackboneSpec(**entry), model_config=FIXTURES / "llama3-70b-gptq", device_memory="24GB")
     p = plan.placement
     assert plan.device == "cuda:0" and len(p.resident) == 43 and len(p.homes) == 37

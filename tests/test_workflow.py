@@ -101,8 +101,19 @@ def test_demo_dag_produces_report_tables_and_plots(demo_run, scenario):
         "cache_storage.png",
         "training_curves.png",
         "gates.png",
+        "layerdrop_cost.png",
+        "layers.md",
+        "reproduction.md",
+        "reproduction.csv",
     ):
         assert (rep / f).is_file() and (rep / f).stat().st_size > 0, f
+    # the paper beside the demo: every published row listed, none of them run here; the column present, empty
+    from iisan.results import paper
+
+    rows = (rep / "reproduction.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 * len(paper.rows()) and not any(",measured," in r for r in rows)
+    main = (rep / "main.md").read_text().splitlines()
+    assert "paper HR@10 / NDCG@10 (%)" in main[2] and all("|  |  |" in r for r in main[4:] if "| demo |" in r)
     assert "IISAN-VS (tiny BERT+ViT)" in (rep / "main.md").read_text()
     assert "tiny-llama-gptq/even6" in (rep / "storage.md").read_text()
     # what bounds extraction is recorded with the cache (the GPTQ model is offloaded to disk)
@@ -312,7 +323,7 @@ def test_multimodal_text_runs_caption_to_report(microlens_run):
     attrs = cache.verify(wd / "results/microlens_demo/cache/tiny-bert/video_caption-evenhalf.zarr")
     assert attrs["field"] == "video_caption"
     table = (wd / "results/report/multimodal_text_demo/multimodal_text.md").read_text()
-    for label in ("Title", "Cover caption", "Title-Video caption", "Video-Cover caption", "Title x2"):
+    for label in ("FFT title", "FFT cover caption", "Title-Video caption", "Video-Cover caption", "Title x2"):
         assert f"| {label} |" in table, table
     assert len([e for e in experiments if e != "popularity"]) == len(table.split("| microlens_demo |")) - 1
 

@@ -29,7 +29,7 @@ def test_paths_of_a_generated_and_a_real_dataset(w):
                                           "users_tsv": ".test/paper-dryrun/data/users.tsv"}  # fmt: skip
     assert w.images_flag("demo") == "--images results/demo/raw/images" and w.images_flag("scientific") == ""
     assert w.prepare_settings("demo") == {"missing_images": "error", "encoding": "utf-8", "min_seq_len": 5,
-                                          "max_seq_len": 10, "format": "amazon"}  # fmt: skip
+                                          "max_seq_len": 10, "format": "amazon", "truncate": True}  # fmt: skip
     assert re.fullmatch(w.synth_names("amazon"), "demo") and not re.fullmatch(w.synth_names("amazon"), "scientific")
     assert re.fullmatch(w.synth_names("microlens"), "microlens_demo")
     assert w.final_output() == ["results/report/demo/summary.json"]
@@ -53,7 +53,7 @@ def test_one_cache_path_for_store_completion_file_and_shards(w):
 
 def test_backbone_json_drops_pipeline_keys_and_gives_string_device_ids(w):
     spec = json.loads(w.backbone_json("llama3-70b-gptq"))
-    assert not {"tiny", "shards", "params_b"} & set(spec)
+    assert not {"tiny", "shards", "params_b", "n_layers"} & set(spec)
     assert spec["max_memory"] == {"0": "20GiB", "cpu": "96GiB"} and spec["batch_size"] == "auto"
     assert (
         w.tiny_stamp("tiny-bert") == ["results/backbones/tiny-bert/iisan-tiny.json"] and w.tiny_stamp("bert-base") == []

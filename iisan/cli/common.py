@@ -40,11 +40,16 @@ def setup_logging(log_file: str | None, verbose: bool) -> None:
 
 
 def add_item_args(s) -> None:
-    """--{text,image}-cache / -backbone / -layers: what a run's towers read."""
+    """--{text,image}-cache / -backbone / -layers / -captions: what a run's towers read."""
     for m in MODALITIES:
         s.add_argument(f"--{m}-cache", help=f"{m} Zarr cache, for methods that read caches")
         s.add_argument(f"--{m}-backbone", help="backbone spec JSON, for methods that run backbones in the loop")
         s.add_argument(f"--{m}-layers", help="layer selection JSON, for uncached IISAN")
+        s.add_argument(
+            f"--{m}-captions",
+            help="a folder from `iisan caption`: the backbone reads these captions "
+            "instead of the titles (methods that run backbones in the loop)",
+        )
 
 
 def given(a, kind: str) -> dict:
@@ -60,7 +65,7 @@ def item_inputs(a):
     backbones = {m: BackboneSpec.from_config(json_arg(v, f"{m}-backbone"), f"--{m}-backbone")
                  for m, v in given(a, "backbone").items()}  # fmt: skip
     layers = {m: json_arg(v, f"{m}-layers") for m, v in given(a, "layers").items()}
-    return Inputs.of(given(a, "cache"), backbones, layers)
+    return Inputs.of(given(a, "cache"), backbones, layers, given(a, "captions"))
 
 
 def train_settings(a):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 
@@ -50,5 +51,11 @@ def add_commands(sub) -> None:
     s.add_argument("--min-seq-len", type=int, help="drop users with fewer items")
     s.add_argument("--max-seq-len", type=int, help="model input length (the last max-seq-len + 3 items are kept)")
     s.add_argument("--encoding", help="text encoding of the raw files (a UTF-8 BOM is always accepted)")
+    s.add_argument(
+        "--truncate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep each user's last max-seq-len + 3 items (default), or (--no-truncate) every interaction",
+    )
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_prepare)

@@ -1,7 +1,9 @@
 """Dataset preparation (method.md section 1): raw files -> a prepared dataset folder
 (``iisan.data.prepared``). Users with fewer than ``min_seq_len`` items are dropped,
-each keeps its last ``max_seq_len + 3``, items are numbered in items-file order,
-sequences split leave-one-out, and training popularity computed for the loss.
+each keeps its last ``max_seq_len + 3`` (the Amazon rule; ``truncate: false`` keeps
+every interaction, as MicroLens-100K is published), items are numbered in
+items-file order, sequences split leave-one-out, and training popularity counted
+over every training interaction kept, for the loss.
 """
 
 from __future__ import annotations
@@ -41,7 +43,12 @@ class PrepareSettings:
         5, "drop users with fewer items (>= 3: train, valid and test need one each)", minimum=3, maximum=10000
     )
     max_seq_len: int = setting(
-        10, "model input length; the last max_seq_len + 3 items are kept", minimum=1, maximum=1000
+        10, "model input length; the last max_seq_len + 3 items are kept (see truncate)", minimum=1, maximum=1000
+    )
+    truncate: bool = setting(
+        True,
+        "keep each user's last max_seq_len + 3 items only (the Amazon datasets); false keeps every "
+        "interaction in the catalogue and the popularity (MicroLens-100K's 719,405); inputs stay max_seq_len",
     )
 
 
@@ -117,8 +124,8 @@ def prepare(items_path, users_path, out, images=None, **settings) -> dict:
     check_replaceable(Path(out).absolute(), "prepared-dataset")
     titles_by_asin, users = _read_raw(items_path, users_path, ps)
 
-    keep_last = ps.max_seq_len + 3  # train window (max_seq_len+1) + valid + test
-    kept = [(u, s[-keep_last:]) for u, s in users if len(s) >= ps.min_seq_len]
+    keep_last = ps.max_seq_len + 3 if ps.truncate else None  # train window (max_seq_len+1) + valid + test
+    kept = [(u, s[-keep_last:] if keep_last else s) for u, s in users if len(s) >= ps.min_seq_len]
     if not kept:
         raise DataError(users_path, f"no user has at least {ps.min_seq_len} items",
                         "check the users file or lower `min_seq_len`")  # fmt: skip
@@ -131,7 +138,8 @@ def prepare(items_path, users_path, out, images=None, **settings) -> dict:
                                                                                                 None, 0)  # fmt: skip
 
     splits = leave_one_out(seqs, ps.max_seq_len)
-    counts = np.bincount(splits["train"].ravel(), minlength=len(asins) + 1).astype(np.float64)
+    # every training interaction (the train windows alone when truncated: they then hold them all)
+    counts = np.bincount(np.concatenate([s[:-2] for s in seqs]), minlength=len(asins) + 1).astype(np.float64)
     counts[0] = 0.0
     titles = [titles_by_asin[a] for a in asins]  # one line each (amazon.clean_text)
     meta = {
@@ -139,7 +147,7 @@ def prepare(items_path, users_path, out, images=None, **settings) -> dict:
         "n_users": len(seqs),
         "n_items": len(asins),
         "n_interactions": int(sum(len(s) for s in seqs)),
-        **{k: v for k, v in asdict(ps).items() if k in ("min_seq_len", "max_seq_len", "format")},
+        **{k: v for k, v in asdict(ps).items() if k in ("min_seq_len", "max_seq_len", "format", "truncate")},
         # absolute: every later stage reads the same files from whatever folder it runs in
         "sources": {
             "items": _absolute(items_path),

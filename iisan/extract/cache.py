@@ -291,10 +291,11 @@ class CacheReader:
                 out[lo : lo + n] = self._chunk(chunk, n)
             except DamagedChunk as e:
                 damaged.append(e)
+                continue
+            if check_finite:  # chunk by chunk: a whole-array check would hold a mask half the cache's size
+                self._finite(out[lo : lo + n], lo)
         if damaged:
             raise self.damaged(damaged)
-        if check_finite:
-            self._finite(out)
         return out
 
     def _chunk(self, chunk: int, n: int) -> np.ndarray:

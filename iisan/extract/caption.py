@@ -42,11 +42,40 @@ from iisan.extract.specs import CaptionSpec
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(CAPTION_FIELDS)  # the pictures a caption is made from
-PROMPTS = {  # after Open-Sora's captioning prompts: content first, one paragraph, no preamble
-    "cover": "Describe this video cover in one sentence: the main subject, what it is doing, the setting "
-    "and the style. Start with the subject.",
-    "video": "These are three frames of a short video, in order. Describe the video in one sentence: what "
-    "happens, who or what appears, and the setting. Start with the subject.",
+# The paper (Section V-B) follows Open-Sora's captioning and adds in-context examples: prompts in
+# the style of OpenAI's Sora for the videos, of DALL-E 2 for the covers. The examples below are
+# written in those styles (not quoted); each prompt asks for one paragraph, content first.
+VIDEO_EXAMPLES = (
+    "A golden retriever runs along a wet beach at sunset, spraying water with each stride, while waves roll in "
+    "behind it and the camera tracks it at ground level.",
+    "In a small home kitchen, a woman in a green apron kneads dough on a floured wooden table, then shapes it "
+    "into a round loaf; warm light comes from a window on the left.",
+    "A street dancer in a red hoodie performs a fast routine on an empty city square at night, lit by shop "
+    "signs, as a handheld camera circles him.",
+)
+COVER_EXAMPLES = (
+    "A close-up photo of a smiling young man holding a steaming bowl of noodles, in a bright restaurant.",
+    "A cartoon illustration of a cat wearing sunglasses, lying on a pink inflatable ring in a swimming pool.",
+    "A screenshot of a mobile game with colourful candy pieces on a grid and a score bar at the top.",
+)
+
+
+def _with_examples(instruction: str, examples) -> str:
+    return instruction + " Examples of the style wanted:\n" + "\n".join(f"- {e}" for e in examples)
+
+
+PROMPTS = {
+    "cover": _with_examples(
+        "Describe this video cover in one sentence: the main subject, what it is doing, the setting and the "
+        "style. Start with the subject and write no preamble.",
+        COVER_EXAMPLES,
+    ),
+    "video": _with_examples(
+        "These are three evenly spaced frames of a short video, in order. Describe the video in one paragraph "
+        "of at most three sentences: what happens, who or what appears, the setting and how the camera moves. "
+        "Start with the subject and write no preamble.",
+        VIDEO_EXAMPLES,
+    ),
 }
 
 

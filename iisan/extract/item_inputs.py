@@ -80,8 +80,8 @@ class EncodedItems:
     right-padded to ``max_text_len`` and sliced per batch to its longest title; images
     read and processed per batch."""
 
-    def __init__(self, data: PreparedData, backbone: Backbone, chunk: int = 1024):
-        self.make = ItemInputs(data, backbone, workers=0)
+    def __init__(self, data: PreparedData, backbone: Backbone, chunk: int = 1024, texts: list[str] | None = None):
+        self.make = ItemInputs(data, backbone, texts=texts, workers=0)
         self.tensors = None
         if backbone.spec.modality != "text":
             return

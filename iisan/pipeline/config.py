@@ -19,7 +19,7 @@ from iisan.core.schema import check, schema_of
 from iisan.data.fields import DEFAULT_FIELD, FIELDS
 from iisan.data.prepare import PrepareSettings
 from iisan.extract.cache import CHUNK_ITEMS
-from iisan.extract.layerdrop import LayerSpec
+from iisan.extract.layerdrop import LayerSpec, select_layers
 from iisan.extract.specs import BackboneSpec, CaptionSpec
 from iisan.pipeline.runs import experiment_runs
 from iisan.train import settings as train_settings
@@ -107,22 +107,51 @@ def _check_experiment(config: dict, name: str, exp: dict) -> None:
                 f"{where}={exp[tower]['backbone']!r} is a {b['modality']} backbone; the tower reads "
                 f"`field: {field}`, which needs a {kind} one"
             )
-        if FIELDS[field].caption_source and not method.needs_cache:
-            raise ConfigError(f"experiments.{name}.{tower}.field={field!r}: captions are read from caches; "
-                              f"method {method.name!r} runs backbones on titles and images only")  # fmt: skip
     has_tower = "text" in exp or "image" in exp
     if method.needs_content and not has_tower:
         raise ConfigError(f"experiments.{name} needs a `text` and/or `image` tower for method {method.name!r}")
     if not method.needs_content and has_tower:
         raise ConfigError(f"experiments.{name}: method {method.name!r} reads no item content; remove its towers")
+    _check_taps(config, name, exp, method)
     train_keys = sorted(_schema()["$defs"]["train"]["properties"])
     for key in exp.get("grid", {}):
         if key not in train_keys:
             raise ConfigError(f"experiments.{name}.grid: {key!r} is not a train setting; known: {train_keys}")
 
 
+def _check_taps(config: dict, name: str, exp: dict, method) -> None:
+    """The SAN's towers pair their taps one to one unless ``allow_unequal_taps``: caught here, before
+    any extraction, when both backbones state ``n_layers`` (training checks it again from the caches)."""
+    if "san:" not in method.item_encoder or "text" not in exp or "image" not in exp:
+        return
+    n = {t: config["backbones"][exp[t]["backbone"]]["n_layers"] for t in ("text", "image")}
+    if None in n.values():
+        return
+    taps = {t: len(select_layers(n[t], exp[t]["layers"])) for t in n}
+    allowed = {**config.get("train_defaults", {}), **exp.get("train", {})}.get("allow_unequal_taps", False)
+    if taps["text"] != taps["image"] and not allowed:
+        raise ConfigError(
+            f"experiments.{name}: the text tower taps {taps['text']} layers of {exp['text']['backbone']} and the "
+            f"image tower {taps['image']} of {exp['image']['backbone']}; the paper pairs them one to one. Give "
+            f"both the same count (e.g. `layers: {{n: {taps['image'] - 1}}}` on the text tower), or set "
+            "`train: {allow_unequal_taps: true}` to pair the top taps (Table VIII's 24+12 and 12+6 rows)"
+        )
+
+
 def _check_target(config: dict, t: str, target: dict) -> None:
-    for i, ds in enumerate(target["datasets"]):
+    for i, inc in enumerate(target.get("include", [])):
+        _need(config, "targets", inc, f"targets.{t}.include[{i}]")
+    if target.get("batch_sizes") and target.get("include"):
+        raise ConfigError(f"targets.{t}: a time-and-memory study (batch_sizes) cannot `include` other targets")
+    seen, todo = set(), list(target.get("include", []))
+    while todo:
+        inc = todo.pop()
+        if inc == t:
+            raise ConfigError(f"targets.{t}.include: the target includes itself (through {sorted(seen) or [t]})")
+        if inc not in seen:
+            seen.add(inc)
+            todo += config["targets"].get(inc, {}).get("include", [])
+    for i, ds in enumerate(target.get("datasets", [])):
         _need(config, "datasets", ds, f"targets.{t}.datasets[{i}]")
         for e in target["experiments"]:
             for tower in ("text", "image"):
@@ -130,7 +159,7 @@ def _check_target(config: dict, t: str, target: dict) -> None:
                 if source and source not in config["datasets"][ds]["captions"]:
                     raise ConfigError(f"targets.{t}: experiment {e} reads {source}_caption of dataset {ds}, which "
                                       f"defines no `captions: {{{source}: {{model: ...}}}}`")  # fmt: skip
-    for i, e in enumerate(target["experiments"]):
+    for i, e in enumerate(target.get("experiments", [])):
         _need(config, "experiments", e, f"targets.{t}.experiments[{i}]")
 
 

@@ -78,7 +78,7 @@ class Workflow:
     def prepare_settings(self, ds: str) -> dict:
         """Only what preparation reads: a dataset's `train` settings must not rerun it."""
         d = self.config["datasets"][ds]
-        keys = ("missing_images", "encoding", "min_seq_len", "max_seq_len")
+        keys = ("missing_images", "encoding", "min_seq_len", "max_seq_len", "truncate")
         return {**{k: d[k] for k in keys}, "format": self.raw_format(ds)}
 
     def images_flag(self, ds: str) -> str:
@@ -182,7 +182,13 @@ class Workflow:
         """Caches for cached methods; the backbones themselves for methods that run them in the loop."""
         if self.method_of(exp).needs_cache:
             return {t: self.cache_path(ds, tower, ".done") for t, tower in self.towers(exp).items()}
-        return {f"{t}_backbone": self.tiny_stamp(tower["backbone"]) for t, tower in self.towers(exp).items()}
+        out = {f"{t}_backbone": self.tiny_stamp(tower["backbone"]) for t, tower in self.towers(exp).items()}
+        return out | {f"{t}_captions": folder for t, folder in self.tower_captions(ds, exp).items()}
+
+    def tower_captions(self, ds: str, exp: str) -> dict[str, str]:
+        """The caption folders the towers of a method that runs backbones read (none for titles and images)."""
+        sources = {t: FIELDS[tower["field"]].caption_source for t, tower in self.towers(exp).items()}
+        return {t: f"results/{ds}/captions/{s}" for t, s in sources.items() if s}
 
     def train_code(self, exp: str, stage: str = "train") -> str:
         return code_hash(stage, self.method_of(exp))
@@ -216,6 +222,8 @@ class Workflow:
             else:
                 flags += [f"--{t}-backbone", shlex.quote(self.backbone_json(tower["backbone"])),
                           f"--{t}-layers", shlex.quote(json.dumps(tower["layers"], sort_keys=True))]  # fmt: skip
+                if t in (captions := self.tower_captions(ds, exp)):
+                    flags += [f"--{t}-captions", captions[t]]
         return " ".join(flags)
 
     def metric_k(self, ds: str, exp: str) -> int:
@@ -229,15 +237,22 @@ class Workflow:
         return names_regex([t for t, v in self.config["targets"].items() if bool(v.get("batch_sizes")) == batch_sizes])
 
     def target_runs(self, target: str) -> list[tuple[str, str]]:
+        """(dataset, experiment) of a target's runs: its datasets x experiments, then those of the quality
+        targets it includes, each once."""
         t = self.config["targets"][target]
-        return [(ds, e) for ds in t["datasets"] for e in t["experiments"]]
+        runs = [(ds, e) for ds in t.get("datasets", []) for e in t.get("experiments", [])]
+        for inc in t.get("include", []):
+            if not self.config["targets"][inc].get("batch_sizes"):
+                runs += self.target_runs(inc)
+        return list(dict.fromkeys(runs))
 
     def report_inputs(self, target: str) -> list[str]:
         t = self.config["targets"][target]
         if t.get("batch_sizes"):  # a time-and-memory study
             return [f"results/{ds}/{e}/profile/bs-{b}.steps-{t['steps']}.json" for ds, e in self.target_runs(target)
                     for b in t["batch_sizes"]]  # fmt: skip
-        return [f"results/{ds}/{e}/metrics.json" for ds, e in self.target_runs(target)]
+        runs = [f"results/{ds}/{e}/metrics.json" for ds, e in self.target_runs(target)]
+        return runs + [f"results/report/{inc}/summary.json" for inc in t.get("include", [])]
 
     def report_experiments(self, target: str) -> str:
         out = {}
@@ -245,6 +260,7 @@ class Workflow:
             exp = self.config["experiments"][e]
             text = exp.get("text", {}).get("backbone")
             params_b = self.config["backbones"][text]["params_b"] if text else None
+            layers = spec_tag(exp["text"]["layers"]) if text else None
             out.setdefault(ds, {})[e] = {"group": exp["group"], "label": exp.get("label", e), "text_backbone": text,
-                                         "text_params_b": params_b}  # fmt: skip
+                                         "text_params_b": params_b, "text_layers": layers}  # fmt: skip
         return json.dumps(out, sort_keys=True)

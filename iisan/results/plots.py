@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 REPORT_PLOTS = ("hr_by_text_encoder.png", "time_memory_by_method.png", "cache_storage.png", "training_curves.png",
-                "gates.png")  # fmt: skip
+                "gates.png", "layerdrop_cost.png")  # fmt: skip
 
 
 def _plt():
@@ -86,6 +86,7 @@ def report_plots(out: Path, runs: list[dict], timed: list[dict], storage_rows: l
 
     _curves(out / "training_curves.png", runs, k)
     _gates(out / "gates.png", runs)
+    _layerdrop_cost(out / "layerdrop_cost.png", timed)
     return list(REPORT_PLOTS)
 
 
@@ -137,6 +138,45 @@ def _gates(path: Path, runs: list[dict]) -> None:
     for ax in list(axes.flat)[len(found) :]:
         ax.axis("off")
     fig.suptitle("learned gates per tower (text/image: weight of the layer's state; inter: weight of the image)")
+    _save(fig, path)
+
+
+def layerdrop_pairs(timed: list[dict]) -> dict[tuple, dict]:
+    """(dataset, text backbone, params) -> {"full": efficiency, "dropped": efficiency} of the cached
+    IISAN runs of each text encoder run both ways (the first run of a kind stands for it)."""
+    pairs: dict[tuple, dict] = {}
+    for r in timed:
+        if r["eff"].get("method") != "iisan" or not r.get("text_layers"):
+            continue
+        kind = "full" if r["text_layers"].startswith("all") else "dropped"
+        pairs.setdefault((r["dataset"], r["text_backbone"], r["text_params_b"] or 0), {}).setdefault(kind, r["eff"])
+    return {key: v for key, v in pairs.items() if set(v) == {"full", "dropped"}}
+
+
+def _layerdrop_cost(path: Path, timed: list[dict]) -> None:
+    """The paper's Figure 7: training time and memory of cached IISAN by text encoder, with every
+    layer cached ("full") against LayerDrop's selection ("dropped")."""
+    plt = _plt()
+    bars = layerdrop_pairs(timed)
+    if not bars:
+        _empty(path, "text encoder with a full-layer and a LayerDrop run")
+        return
+    keys = sorted(bars, key=lambda key: (key[0], key[2], key[1]))
+    names = [f"{ds}/{b}" if len({key[0] for key in keys}) > 1 else b for ds, b, _ in keys]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = range(len(keys))
+    for offset, kind in ((-0.2, "full"), (0.2, "dropped")):
+        effs = [bars[key].get(kind) for key in keys]
+        axes[0].bar([i + offset for i in x], [e["seconds_per_epoch"] if e else 0 for e in effs], 0.4, label=kind)
+        axes[1].bar([i + offset for i in x], [e["peak_memory_bytes"] / 2**20 if e else 0 for e in effs], 0.4,
+                    label=kind)  # fmt: skip
+    kinds = {e.get("peak_memory_kind", "") for v in bars.values() for e in v.values()}
+    axes[0].set_ylabel("training seconds per epoch")
+    axes[1].set_ylabel(f"peak memory, MiB ({', '.join(sorted(kinds))})")
+    for ax in axes:
+        ax.set_xticks(list(x), names, rotation=30, ha="right")
+        ax.legend(fontsize=8)
+    fig.suptitle("cached IISAN by text encoder: all layers cached (full) vs LayerDrop's (dropped)")
     _save(fig, path)
 
 

@@ -5,8 +5,11 @@ or the aggregate of its seeds and grid points) and efficiency.json. Tables give
 mean ± sd over seeds; in each table and dataset the best method (by mean test
 HR@k) is tested against the runner-up with paired tests over users on per-user
 metrics averaged over seeds (t-test, as the paper; and Wilcoxon), marked ``*``
-at p < 0.05, with the p-values in the CSV. A missing experiment is listed in the
-notes, not fatal. A time-and-memory study (a target with ``batch_sizes``) gets
+at p < 0.05, with the p-values in the CSV. Each row carries the paper's published
+value for its (dataset, experiment) and the difference (empty where the paper
+reports none), and ``reproduction.md`` lists every row of every published table
+beside what this target measured (iisan.results.paper). A missing experiment is
+listed in the notes, not fatal. A time-and-memory study (a target with ``batch_sizes``) gets
 its own report (``build_profile_report``).
 """
 
@@ -18,7 +21,7 @@ import logging
 from pathlib import Path
 
 from iisan.train import methods
-from iisan.results import plots
+from iisan.results import paper, plots
 from iisan.results.aggregate import run_dirs
 from iisan.results.efficiency import tpme
 from iisan.core.errors import ConfigError
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 
 ALPHA = 0.05  # significance level of the `*` marks
 TABLES = (("main", "Main comparison", ("main", "baseline")), ("scaling", "Scaling by text encoder", ("scaling",)),
-          ("ablation", "Ablations", ("ablation",)),
+          ("ablation", "Ablations", ("ablation",)), ("layers", "LayerDrop: the blocks kept", ("layers",)),
           ("multimodal_text", "Multimodal text: titles and generated captions", ("multimodal_text",)))  # fmt: skip
 
 
@@ -46,7 +49,8 @@ def _load(results: Path, experiments: dict) -> tuple[list[dict], list[str]]:
             eff = json.loads((d / "efficiency.json").read_text()) if (d / "efficiency.json").is_file() else {}
             rows.append({"dataset": ds, "experiment": name, "label": desc.get("label", name),
                          "group": desc.get("group", "main"), "text_backbone": desc.get("text_backbone"),
-                         "text_params_b": desc.get("text_params_b"), "metrics": m, "eff": eff,
+                         "text_params_b": desc.get("text_params_b"), "text_layers": desc.get("text_layers"), "metrics": m,
+                         "eff": eff,
                          "runs": run_dirs(d)})  # fmt: skip
     return rows, missing
 
@@ -86,6 +90,7 @@ def _quality_table(rows: list[dict], k: int) -> tuple[list[str], list[list], lis
     header = ["dataset", "experiment", "method"]
     for split, key in metrics:
         header += [f"{split} {key} (%)", f"{split} {key} sd"]
+    header += [f"paper test {key} (%)" for key in paper.METRICS] + [f"difference {key}" for key in paper.METRICS]
     header += ["best epoch", "seeds", "vs", f"p t-test HR@{k}", f"p Wilcoxon HR@{k}", f"p t-test NDCG@{k}",
                f"p Wilcoxon NDCG@{k}"]  # fmt: skip
     sig = _significance(rows, k)
@@ -99,13 +104,18 @@ def _quality_table(rows: list[dict], k: int) -> tuple[list[str], list[list], lis
             line += [mean, sd]
             mark = "*" if s and split == "test" and s[key]["p_ttest"] < ALPHA else ""
             cells.append(f"{mean:.2f} ± {sd:.2f}{mark}" if n_seeds > 1 else f"{mean:.2f}{mark}")
+        pub = paper.published(r["dataset"], r["experiment"]) if k == paper.K else None
+        diffs = [100 * m["test"][key] - pub[key] for key in paper.METRICS] if pub else ["", ""]
+        line += [pub[key] for key in paper.METRICS] + diffs if pub else ["", "", "", ""]
+        cells += [" / ".join(f"{pub[key]:.2f}" for key in paper.METRICS) if pub else "",
+                  " / ".join(f"{d:+.2f}" for d in diffs) if pub else ""]  # fmt: skip
         pvals = [s[key][p] for key in (f"HR@{k}", f"NDCG@{k}") for p in ("p_ttest", "p_wilcoxon")] if s else [""] * 4
         line += [m["best_epoch"], n_seeds, s["vs"] if s else "", *pvals]
         cells += [f"{m['best_epoch']:g}", str(n_seeds)]
         csv_rows.append(line)
         md_rows.append(cells)
     md_header = ["dataset", "experiment", "method", f"test HR@{k} (%)", f"test NDCG@{k} (%)", f"valid HR@{k} (%)",
-                 "best epoch", "seeds"]  # fmt: skip
+                 "paper HR@10 / NDCG@10 (%)", "difference", "best epoch", "seeds"]  # fmt: skip
     return header, csv_rows, [md_header, *md_rows]
 
 
@@ -123,6 +133,33 @@ def _write_md(path: Path, title: str, rows: list[list], notes: list[str]) -> Non
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in body]
     lines += ["", *[n for n in notes if n]] if any(notes) else []
     path.write_text("\n".join(lines) + "\n")
+
+
+def _write_reproduction(out: Path, lines: list[dict]) -> None:
+    """reproduction.csv (one line per row and metric) and reproduction.md (one table per paper table)."""
+    header = list(lines[0])
+    _write_csv(out / "reproduction.csv", header, [[ln[h] for h in header] for ln in lines])
+    num = lambda v, fmt="{:.2f}": "" if v is None else fmt.format(v)
+    md = ["# The paper beside this target", "",
+          f"Published test metrics (percent) of every row of every table, beside this target's mean ± sd over "
+          f"seeds. Within spread: |measured − published| ≤ {paper.SPREAD:g} sd.", ""]  # fmt: skip
+    tables = paper.tables()
+    for tid, t in tables.items():
+        md += [f"## {t['title']}", "", f"Targets: {', '.join(t['targets'])}", "",
+               "| row | dataset | experiment | " + " | ".join(f"{m} paper | {m} ours | {m} diff | {m} within"
+                                                          for m in paper.METRICS) + " | status |",
+               "|" + "---|" * (4 * len(paper.METRICS) + 4)]  # fmt: skip
+        rows = [ln for ln in lines if ln["table"] == tid]
+        for i in range(0, len(rows), len(paper.METRICS)):
+            per = rows[i : i + len(paper.METRICS)]
+            cells = [per[0]["row"], per[0]["dataset"], per[0]["experiment"]]
+            for ln in per:
+                ours = "" if ln["measured"] is None else num(ln["measured"]) + (
+                    f" ± {ln['sd']:.2f}" if (ln["seeds"] or 0) > 1 and ln["within spread"] else "")
+                cells += [num(ln["published"]), ours, num(ln["difference"], "{:+.2f}"), ln["within spread"]]
+            md.append("| " + " | ".join(cells + [per[0]["status"]]) + " |")
+        md.append("")
+    (out / "reproduction.md").write_text("\n".join(md))
 
 
 def _timed(r) -> bool:
@@ -194,6 +231,7 @@ def build_report(results, out, experiments: dict | None = None) -> dict:
         header, csv_rows, md_rows = _quality_table(rs, k)
         _write_csv(out / f"{name}.csv", header, csv_rows)
         _write_md(out / f"{name}.md", title, md_rows, notes)
+    _write_reproduction(out, paper.reproduction({(r["dataset"], r["experiment"]): r["metrics"] for r in runs}, k))
     eff_header = ["dataset", "experiment", "method", "s/epoch", "peak memory (MiB)", "memory kind", "trainable params",
                   "TPME", "time / FFT"]  # fmt: skip
     eff = _efficiency_rows(runs)

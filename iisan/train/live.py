@@ -16,6 +16,7 @@ import torch
 from iisan.core.errors import ConfigError
 from iisan.data.prepared import PreparedData
 from iisan.extract.backbones import Backbone
+from iisan.extract.caption_table import read_captions
 from iisan.extract.item_inputs import EncodedItems
 from iisan.extract.layerdrop import select_layers
 from iisan.extract.specs import BackboneSpec
@@ -25,9 +26,10 @@ from iisan.train.model import Inputs, ItemSources
 class LiveFeatures:
     """Same interface as ``iisan.train.features.CachedFeatures``, computed by frozen backbones per step."""
 
-    def __init__(self, data: PreparedData, backbones: dict[str, Backbone], layers: dict[str, list[int]]):
+    def __init__(self, data: PreparedData, backbones: dict[str, Backbone], layers: dict[str, list[int]],
+                 texts: dict | None = None):  # fmt: skip
         self.backbones, self.layers = backbones, layers
-        self.inputs = {m: EncodedItems(data, b) for m, b in backbones.items()}
+        self.inputs = {m: EncodedItems(data, b, texts=(texts or {}).get(m)) for m, b in backbones.items()}
 
     def _one(self, modality, ids):
         if modality not in self.backbones:
@@ -55,15 +57,30 @@ def _specs(inputs: Inputs) -> dict[str, BackboneSpec]:
     return specs
 
 
+def _texts(data: PreparedData, inputs: Inputs, loaded: dict) -> tuple[dict, dict]:
+    """The caption texts each tower reads instead of titles, and what identifies them."""
+    texts, idents = {}, {}
+    for m, folder in inputs.captions().items():
+        if loaded[m].spec.modality != "text":
+            raise ConfigError(f"--{m}-captions: captions are text; backbone {loaded[m].spec.model!r} encodes images")
+        texts[m], meta = read_captions(folder, data)
+        idents[m] = {"captions": meta["source"], "captions_fingerprint": meta["fingerprint"]}
+    return texts, idents
+
+
 def live_sources(data: PreparedData, inputs: Inputs, device, method, **_) -> ItemSources:
     loaded = {m: Backbone(s, device) for m, s in _specs(inputs).items()}
+    texts, captions = _texts(data, inputs, loaded)
     taps = {m: select_layers(b.info["n_layers"], inputs.layers(m)) for m, b in loaded.items()}
-    ids = {m: {**b.identity(), "layers": taps[m], "mode": method.name} for m, b in loaded.items()}
-    return ItemSources(data, features=LiveFeatures(data, loaded, taps), identities=ids)
+    ids = {m: {**b.identity(), "layers": taps[m], "mode": method.name, **captions.get(m, {})}
+           for m, b in loaded.items()}  # fmt: skip
+    return ItemSources(data, features=LiveFeatures(data, loaded, taps, texts), identities=ids, texts=texts)
 
 
 def backbone_sources(data: PreparedData, inputs: Inputs, device, method, **_) -> ItemSources:
     # weights that train keep float32 masters (auto would pick bf16 on a GPU)
     specs = {m: dataclasses.replace(s, dtype="float32") if s.dtype == "auto" else s for m, s in _specs(inputs).items()}
     loaded = {m: Backbone(s, device) for m, s in specs.items()}
-    return ItemSources(data, backbones=loaded, identities={m: b.identity() for m, b in loaded.items()})
+    texts, captions = _texts(data, inputs, loaded)
+    ids = {m: {**b.identity(), **captions.get(m, {})} for m, b in loaded.items()}
+    return ItemSources(data, backbones=loaded, identities=ids, texts=texts)

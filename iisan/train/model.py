@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from iisan.core.errors import ConfigError
 from iisan.data.prepared import PreparedData
 from iisan.extract.specs import BackboneSpec
 from iisan.train import methods
@@ -37,6 +38,7 @@ class Tower:
     cache: str | None = None
     backbone: BackboneSpec | None = None
     layers: dict | list | None = None  # an iisan.extract.layerdrop spec
+    captions: str | None = None  # a folder from `iisan caption`: the backbone reads these instead of titles
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,17 @@ class Inputs:
     towers: dict[str, Tower] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, caches: dict | None = None, backbones: dict | None = None, layers: dict | None = None) -> Inputs:
-        """From per-modality caches, backbone specs and layer selections (as the command line gives them)."""
-        caches, backbones, layers = caches or {}, backbones or {}, layers or {}
-        return cls({m: Tower(caches.get(m), backbones.get(m), layers.get(m))
+    def of(cls, caches: dict | None = None, backbones: dict | None = None, layers: dict | None = None,
+           captions: dict | None = None) -> Inputs:  # fmt: skip
+        """From per-modality caches, backbone specs, layer selections and caption folders (as the
+        command line gives them)."""
+        caches, backbones, layers, captions = caches or {}, backbones or {}, layers or {}, captions or {}
+        for m in captions:
+            if backbones.get(m) is None:
+                raise ConfigError(f"--{m}-captions: captions are read by a backbone in the loop; give "
+                                  f"--{m}-backbone (a cached method reads a cache of captions from "
+                                  "`iisan extract --captions`)")  # fmt: skip
+        return cls({m: Tower(caches.get(m), backbones.get(m), layers.get(m), captions.get(m))
                     for m in MODALITIES if caches.get(m) is not None or backbones.get(m) is not None})  # fmt: skip
 
     def caches(self) -> dict[str, str]:
@@ -62,12 +71,16 @@ class Inputs:
         t = self.towers.get(modality)
         return (t.layers if t else None) or {}
 
+    def captions(self) -> dict[str, str]:
+        return {m: t.captions for m, t in self.towers.items() if t.captions is not None}
+
     def record(self) -> dict:
         """What a checkpoint keeps: where the caches were (absolute), the backbone specs, the layers."""
         return {
             "caches": {m: str(Path(p).resolve()) for m, p in self.caches().items()},
             "backbones": {m: dataclasses.asdict(s) for m, s in self.backbones().items()},
             "layers": {m: t.layers for m, t in self.towers.items() if t.layers is not None},
+            "captions": {m: str(Path(p).resolve()) for m, p in self.captions().items()},
         }
 
     @classmethod
@@ -75,7 +88,8 @@ class Inputs:
         """The inputs a checkpoint recorded, with ``caches`` (modality -> store) moved elsewhere."""
         stores = {**record["caches"], **(caches or {})}
         specs = {m: BackboneSpec(**s) for m, s in record["backbones"].items()}
-        towers = {m: Tower(stores.get(m), specs.get(m), record["layers"].get(m))
+        captions = record.get("captions", {})
+        towers = {m: Tower(stores.get(m), specs.get(m), record["layers"].get(m), captions.get(m))
                   for m in MODALITIES if m in stores or m in specs}  # fmt: skip
         return cls(towers)
 
@@ -87,6 +101,7 @@ class ItemSources:
     data: PreparedData
     features: object | None = None  # iisan.train.features.CachedFeatures or iisan.train.live.LiveFeatures
     backbones: dict = field(default_factory=dict)  # modality -> iisan.extract.backbones.Backbone (trained in the loop)
+    texts: dict = field(default_factory=dict)  # modality -> texts by item id its backbone reads instead of titles
     identities: dict = field(default_factory=dict)  # modality -> what identifies the input (cache attrs, backbone)
 
     def shape(self, modality: str) -> tuple[int, int]:
@@ -165,12 +180,13 @@ class Recommender(nn.Module):
         return self.items.diagnostics()
 
 
-def build(mc: ModelConfig, data: PreparedData, inputs: Inputs, device, residency: str = "auto") -> Recommender:
+def build(mc: ModelConfig, data: PreparedData, inputs: Inputs, device, residency: str = "auto",
+          sources: ItemSources | None = None) -> Recommender:  # fmt: skip
     """The model for ``mc.method`` over ``inputs`` on ``device``: the method resolved once,
-    its inputs opened (caches where ``residency`` says: iisan.train.features), the shapes
-    derived (``model.cfg``; ``mc`` is not changed)."""
+    its inputs opened (caches where ``residency`` says: iisan.train.features) unless
+    ``sources`` are given already open, the shapes derived (``model.cfg``; ``mc`` is not changed)."""
     method = methods.get(mc.method)
-    sources = method.open(data, inputs, device, residency)
+    sources = sources or method.open(data, inputs, device, residency)
     cfg = dataclasses.replace(mc, n_items=data.n_items, max_len=data.max_len, peft=dict(mc.peft))
     return Recommender(method, method.item_encoder_class(cfg, sources), sources).to(device)
 

@@ -96,7 +96,8 @@ class EmbeddedItemEncoder(ItemEncoder):
         super().__init__(cfg, sources)
         pc = PEFTConfig(**self.cfg.peft)
         self._backbones = sources.backbones  # plain dict: the modules are registered below
-        self.inputs = {m: EncodedItems(sources.data, b) for m, b in sources.backbones.items()}
+        self.inputs = {m: EncodedItems(sources.data, b, texts=sources.texts.get(m))
+                       for m, b in sources.backbones.items()}  # fmt: skip
         self.encoders = nn.ModuleDict()
         for m, b in sources.backbones.items():
             b.model = self.adapt(b.model, pc)

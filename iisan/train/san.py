@@ -1,8 +1,10 @@
 """Side adapted networks (method.md section 4): SAN blocks, gated towers, item encoders.
 
 One code path serves IISAN-VS, IISAN-VA and text-only IISAN: towers take any
-number of taps at any width; the inter tower runs at the image width and, when
-the text width differs (VA), maps each text tap through its own Linear (DTL).
+number of taps at any width. The inter tower runs at the narrower of the two
+widths and maps each tap of the wider side through its own Linear (DTL): the
+text taps of an LLM down to the image width (VA, the paper's Eq. 4), the image
+taps of ViT-large/huge down to BERT-base's width (as the authors' code does).
 """
 
 from __future__ import annotations
@@ -59,29 +61,32 @@ class IntraTower(nn.Module):
 
 
 class InterTower(nn.Module):
-    """m_k = SANB_k(m_{k-1} + b_k * v[l_k] + (1 - b_k) * X_k), at the image width.
+    """m_k = SANB_k(m_{k-1} + b_k * V_k + (1 - b_k) * X_k), at width min(W_text, W_image).
 
-    X_k = text tap (VS) or DTL_k(text tap) (VA). With unequal tap counts the top
-    taps of the longer side pair with the shorter side (as the paper does)."""
+    X_k = text tap and V_k = image tap, the wider of the two through DTL_k (VS:
+    none). With unequal tap counts the top taps of the longer side pair with
+    the shorter side (the paper's Table VIII)."""
 
     def __init__(self, taps: int, text_width: int, image_width: int, bottleneck: int, learned_gates: bool):
         super().__init__()
-        self.taps = taps
-        self.blocks = nn.ModuleList(SANBlock(image_width, bottleneck) for _ in range(taps))
+        self.taps, self.width = taps, min(text_width, image_width)
+        self.blocks = nn.ModuleList(SANBlock(self.width, bottleneck) for _ in range(taps))
         self.gates = Gates(taps, learned_gates)
-        self.dtl = (
-            nn.ModuleList(nn.Linear(text_width, image_width) for _ in range(taps))
-            if text_width != image_width
-            else None
-        )
+        wider = max(text_width, image_width)
+        self.dtl = nn.ModuleList(nn.Linear(wider, self.width) for _ in range(taps)) if wider != self.width else None
+        self.project = "text" if text_width > image_width else "image" if image_width > text_width else None
 
     def forward(self, ht, hv):  # (B, Kt, Wt), (B, Kv, Wv)
         ht, hv = ht[:, -self.taps :], hv[:, -self.taps :]
-        b, m = self.gates(), torch.zeros_like(hv[:, 0])
+        b, m = self.gates(), torch.zeros_like(ht[:, 0, : self.width])
         for k, block in enumerate(self.blocks):
-            x = self.dtl[k](ht[:, k]) if self.dtl is not None else ht[:, k]
-            m = block(m + b[k] * hv[:, k] + (1 - b[k]) * x)
-        return m  # (B, Wv)
+            x, v = ht[:, k], hv[:, k]
+            if self.project == "text":
+                x = self.dtl[k](x)
+            elif self.project == "image":
+                v = self.dtl[k](v)
+            m = block(m + b[k] * v + (1 - b[k]) * x)
+        return m  # (B, min(Wt, Wv))
 
 
 class SANItemEncoder(ItemEncoder):
@@ -99,6 +104,13 @@ class SANItemEncoder(ItemEncoder):
             cfg = dataclasses.replace(cfg, inter=False)  # single-modality data: nothing to fuse across
         if not cfg.intra and not cfg.inter:
             raise ConfigError("`intra`: with one modality only the intra tower exists; it cannot be switched off")
+        if cfg.text_taps and cfg.image_taps and cfg.text_taps != cfg.image_taps and not cfg.allow_unequal_taps:
+            raise ConfigError(
+                f"the text input has {cfg.text_taps} taps and the image input {cfg.image_taps}: the paper pairs "
+                "them one to one (IISAN-VA keeps as many text taps as image taps, e.g. text `layers: {n: 6}` "
+                "against a 12-layer ViT); select equal counts, or set `allow_unequal_taps: true` to pair the top "
+                "taps (Table VIII's 24+12 and 12+6 rows)"
+            )
         return cfg
 
     def __init__(self, cfg: ModelConfig, sources: ItemSources):
@@ -114,7 +126,7 @@ class SANItemEncoder(ItemEncoder):
             self.inter = InterTower(
                 min(cfg.text_taps, cfg.image_taps), cfg.text_width, cfg.image_width, cfg.bottleneck, cfg.learned_gates
             )
-            heads["inter"] = nn.Linear(cfg.image_width, cfg.d)
+            heads["inter"] = nn.Linear(self.inter.width, cfg.d)
         if cfg.intra and cfg.text_taps:
             self.text = IntraTower(cfg.text_taps, cfg.text_width, cfg.bottleneck, cfg.learned_gates)
             heads["text"] = nn.Linear(cfg.text_width, cfg.d)

@@ -40,6 +40,11 @@ class ModelConfig:
     intra: bool = setting(True, "ablation: false = w/o intra towers")
     inter: bool = setting(True, "ablation: false = w/o inter tower")
     learned_gates: bool = setting(True, "ablation: false = every gate fixed at 0.5")
+    allow_unequal_taps: bool = setting(
+        False,
+        "let the towers tap unequal numbers of layers (Table VIII's 24+12, 12+6): the inter tower pairs "
+        "the top taps; without it unequal counts are refused, as the paper's runs pair them one to one",
+    )
     blocks: int = setting(2, "sequence encoder blocks", minimum=1)
     heads: int = setting(2, "attention heads of the sequence encoder (must divide d)", minimum=1)
     dropout: float = setting(0.1, "sequence encoder dropout", minimum=0, exclusiveMaximum=1)

@@ -172,7 +172,9 @@ def recommend(run_dir, k: int | None = None, which: str = "test", histories=None
         log.warning("k=%d is more than the %d items of the catalogue: at most %d per user", k, data.n_items,
                     data.n_items)  # fmt: skip
     users = select_users(data, which, histories)
-    table = item_embeddings(model, item_chunk, float32=False)  # each item encoded once, histories looked up
+    # each item encoded once, in the run's evaluation batches (encoding 65,536 items of 7 LLM taps at once
+    # would hold gigabytes), histories looked up in the table
+    table = item_embeddings(model, ckpt["train_config"]["eval_batch_size"], float32=False)
     u = user_embeddings(model, users.inputs, user_chunk, items=table).cpu()
     items = table.float().cpu()
     scores, ids = top_k(u, items, None if keep_history else users.exclude, k, user_chunk, item_chunk)
@@ -216,8 +218,9 @@ def export_embeddings(run_dir, out, which: str | None = None, histories=None, da
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model, data, _ = load_run(run_dir, data_dir=data_dir, caches=caches, device=device)
-    items = item_embeddings(model, ITEM_BLOCK).cpu().numpy()[1:]
+    model, data, ckpt = load_run(run_dir, data_dir=data_dir, caches=caches, device=device)
+    encoded = item_embeddings(model, ckpt["train_config"]["eval_batch_size"], float32=False)
+    items = encoded.float().cpu().numpy()[1:]
     atomic_file(out / "items.npy", lambda f: np.save(f, items))
     ids = np.arange(1, len(items) + 1)
     table = pd.DataFrame({"row": ids - 1, "item_id": ids, "asin": data.asins[1:]})
@@ -225,7 +228,7 @@ def export_embeddings(run_dir, out, which: str | None = None, histories=None, da
     written = {"items": str(out / "items.npy"), "shape": list(items.shape)}
     if which is not None or histories is not None:
         users = select_users(data, which or "test", histories)
-        u = user_embeddings(model, users.inputs, USER_BLOCK).cpu().numpy()
+        u = user_embeddings(model, users.inputs, USER_BLOCK, items=encoded).cpu().numpy()
         atomic_file(out / "users.npy", lambda f: np.save(f, u))
         write_table(pd.DataFrame({"row": np.arange(len(u)), "user": users.names}), out / "users.tsv")
         written["users"] = str(out / "users.npy")

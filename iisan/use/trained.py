@@ -14,8 +14,9 @@ import torch
 from iisan.core.device import resolve_device
 from iisan.core.errors import CacheMismatchError, CheckpointError
 from iisan.data.prepared import PreparedData
+from iisan.train import methods
 from iisan.train.checkpoint import FORMAT, data_identity
-from iisan.train.model import Inputs, Recommender, build
+from iisan.train.model import Inputs, ItemSources, build
 from iisan.train.settings import model_config_from_dict
 
 
@@ -56,9 +57,9 @@ def _same_dataset(path: Path, ckpt: dict, data: PreparedData) -> None:
                               f"  fix: give the prepared dataset the run was trained on (--data)")  # fmt: skip
 
 
-def _same_inputs(run: Path, ckpt: dict, model: Recommender) -> None:
+def _same_inputs(run: Path, ckpt: dict, sources: ItemSources) -> None:
     for modality, want in ckpt["identities"].items():
-        got = model.sources.identities.get(modality, {})
+        got = sources.identities.get(modality, {})
         diff = sorted(k for k in set(want) | set(got) if k != "store" and got.get(k) != want.get(k))
         if diff:
             raise CacheMismatchError(
@@ -76,9 +77,16 @@ def load_run(run_dir, *, data_dir=None, caches: dict | None = None, device="cpu"
     ckpt = _checkpoint(run)
     data = PreparedData.load(data_dir or ckpt["dataset"]["root"])
     _same_dataset(run / "model.pt", ckpt, data)
-    model = build(model_config_from_dict(ckpt["config"]), data, Inputs.from_record(ckpt["inputs"], caches),
-                  resolve_device(device), residency)  # fmt: skip
-    _same_inputs(run, ckpt, model)
+    mc, inputs, dev = (
+        model_config_from_dict(ckpt["config"]),
+        Inputs.from_record(ckpt["inputs"], caches),
+        resolve_device(device),
+    )
+    # the inputs' identities are checked before the model is shaped from them: a cache of other layers
+    # is named as such, not as a shape the model refuses
+    sources = methods.get(mc.method).open(data, inputs, dev, residency)
+    _same_inputs(run, ckpt, sources)
+    model = build(mc, data, inputs, dev, residency, sources=sources)
     if dataclasses.asdict(model.cfg) != ckpt["config"]:
         raise CheckpointError(f"{run / 'model.pt'}: the inputs give a model of another shape than the checkpoint's")
     model.load_state_dict(ckpt["state_dict"])

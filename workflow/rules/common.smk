@@ -6,6 +6,7 @@ from pathlib import Path
 
 from iisan.core.provenance import code_hash
 from iisan.pipeline.workflow import Workflow
+from iisan.results.paper import PAPER as PAPER_TABLES
 
 # Jobs call `iisan` from the environment Snakemake runs in, activated or not
 # (`.venv/bin/snakemake ...`); a rule's conda env, when used, comes first on PATH.

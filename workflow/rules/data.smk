@@ -51,6 +51,7 @@ rule prepare:
         images=get_images_flag,
         listing=get_images_listing,
         ds=get_prepare_settings,
+        truncate=lambda wc: "" if get_prepare_settings(wc)["truncate"] else "--no-truncate",
         code=code_hash("prepare"),
     conda:
         "../../envs/iisan.yaml"
@@ -62,7 +63,7 @@ rule prepare:
         "iisan --log {log} prepare --items {input.items_tsv:q} --users {input.users_tsv:q} {params.images} "
         "--missing-images {params.ds[missing_images]} --encoding {params.ds[encoding]} "
         "--min-seq-len {params.ds[min_seq_len]} --max-seq-len {params.ds[max_seq_len]} --format {params.ds[format]} "
-        "--out {output}"
+        "{params.truncate} --out {output}"
 
 
 rule build_tiny:

@@ -5,22 +5,27 @@
 rule report:
     input:
         get_report_inputs,
+        paper=PAPER_TABLES,
     output:
         summary="results/report/{target}/summary.json",
+        reproduction=report_output("reproduction.csv", "reproduction.rst", "tables"),
+        reproduction_md="results/report/{target}/reproduction.md",
         main=report_output("main.csv", "main.rst", "tables"),
         scaling=report_output("scaling.csv", "scaling.rst", "tables"),
         ablation=report_output("ablation.csv", "ablation.rst", "tables"),
+        layers=report_output("layers.csv", "layers.rst", "tables"),
         multimodal_text=report_output("multimodal_text.csv", "multimodal_text.rst", "tables"),
         efficiency=report_output("efficiency.csv", "efficiency.rst", "tables"),
         storage=report_output("storage.csv", "storage.rst", "tables"),
         grid=report_output("grid.csv", "grid.rst", "tables"),
-        markdown=multiext("results/report/{target}/", "main.md", "scaling.md", "ablation.md", "multimodal_text.md",
+        markdown=multiext("results/report/{target}/", "main.md", "scaling.md", "ablation.md", "layers.md", "multimodal_text.md",
                           "efficiency.md", "storage.md"),
         hr=report_output("hr_by_text_encoder.png", "hr_by_text_encoder.rst", "plots"),
         time_memory=report_output("time_memory_by_method.png", "time_memory_by_method.rst", "plots"),
         cache=report_output("cache_storage.png", "cache_storage.rst", "plots"),
         curves=report_output("training_curves.png", "training_curves.rst", "plots"),
         gates=report_output("gates.png", "gates.rst", "plots"),
+        layerdrop_cost=report_output("layerdrop_cost.png", "layerdrop_cost.rst", "plots"),
     wildcard_constraints:
         target=W.target_names(batch_sizes=False),
     params:
