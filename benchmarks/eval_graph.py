@@ -9,12 +9,10 @@ the process just before ranking (VmHWM, glibc's heap bypassed so freed memory is
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from children import answered, in_child
 
 
 def _rss(field: str) -> int:
@@ -66,8 +64,7 @@ def main():
     p.add_argument("--out", default="/tmp/iisan-bench-eval")
     p.add_argument("--child")
     a = p.parse_args()
-    if a.child:
-        print(json.dumps(child(json.loads(a.child))))
+    if answered(a, child):
         return
     from iisan.data.prepare import prepare
     from iisan.data.synth import synthesize
@@ -90,11 +87,8 @@ def main():
     for method in ("fft", "iisan"):
         for mode in ("before", "after"):
             job = {"method": method, "mode": mode, "data": str(data), "tiny": str(out / "tiny"), "caches": caches}
-            r = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
-                               env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})  # fmt: skip
-            if r.returncode:
-                raise SystemExit(r.stderr[-3000:])
-            rows.append({"method": method, "mode": mode, **json.loads(r.stdout.strip().splitlines()[-1])})
+            rows.append({"method": method, "mode": mode,
+                         **in_child(__file__, job, {"MALLOC_MMAP_THRESHOLD_": "65536"})})  # fmt: skip
     print(f"\nrank_all over the {a.users} valid users x {a.items} items, 2 CPU threads:")
     print("| method | eval seconds before → after | peak RSS MiB before → after |\n|---|---|---|")
     for method in ("fft", "iisan"):

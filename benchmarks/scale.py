@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from children import answered, in_child
 
 WIDTH, TAPS = 1024, 7
 
@@ -126,11 +125,7 @@ def _hwm() -> int:
 
 
 def run(job: dict) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"})  # fmt: skip
-    if r.returncode:
-        raise SystemExit(r.stderr[-4000:])
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return in_child(__file__, job, {"OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"})
 
 
 def main():
@@ -144,8 +139,7 @@ def main():
     p.add_argument("--residencies", default="host,disk")
     p.add_argument("--child")
     a = p.parse_args()
-    if a.child:
-        print(json.dumps(child(json.loads(a.child))))
+    if answered(a, child):
         return
     out = Path(a.out)
     rows = []

@@ -34,7 +34,7 @@ def test_method_names_are_listed_only_in_the_registry():
                 strays.append(f"{path.name}:{node.lineno}: {node.value!r}")
     alternatives = "|".join(sorted(names))
     quoted = re.compile(rf"""["']({alternatives})["']""")
-    for path in [REPO / "Snakefile", *sorted((REPO / "workflow").rglob("*.smk"))]:
+    for path in [REPO / "workflow/Snakefile", *sorted((REPO / "workflow").rglob("*.smk"))]:
         for no, line in enumerate(path.read_text().splitlines(), 1):
             if quoted.search(line):
                 strays.append(f"{path.name}:{no}: {line.strip()}")

@@ -158,3 +158,10 @@ def test_synth_is_deterministic_multimodal_and_prepares(tmp_path):
         assert t["kind"] in titles[asin] and not any(c in titles[asin].lower().split() for c in truth["colours"])
     meta = prepare(a["items"], a["users"], tmp_path / "p", images=a["images"])
     assert meta["n_users"] == 200 and meta["missing_images"] == 0
+
+
+def test_a_missing_image_lmdb_says_where_the_papers_images_come_from(tmp_path):
+    # config.yaml's scientific entry points at the authors' LMDB layout, which no checkout ships
+    where = r"(?s)am_is\.lmdb: image folder/LMDB not found.*GAIR-Lab/IISAN.*build_lmdb\.py"
+    with pytest.raises(DataError, match=where):
+        ImageSource(tmp_path / "data/amazon/Scientific/am_is.lmdb")

@@ -74,7 +74,7 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     wd = tmp_path_factory.mktemp("paper-dag")
-    for item in ("Snakefile", "config.yaml", "workflow", "iisan", "envs", ".test"):
+    for item in ("config.yaml", "workflow", "iisan", "envs", ".test"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, wd / item)
     return wd

@@ -11,16 +11,24 @@ import pytest
 from scipy import stats
 
 from iisan.results.aggregate import aggregate, run_dirs
+from iisan.results.metrics import Metric, MetricSet, per_user
 from iisan.results.report import build_report
-from iisan.results.stats import paired_tests, per_user, per_user_over_runs
+from iisan.results.stats import paired_tests, per_user_over_runs
 
 from conftest import write
 
 
 def test_per_user_metrics_by_hand():
-    m = per_user(np.array([0, 3, 9, 10, 250]), 10)
-    assert m["HR@10"].tolist() == [1, 1, 1, 0, 0]
-    assert m["NDCG@10"].tolist() == pytest.approx([1.0, 1 / math.log2(5), 1 / math.log2(11), 0.0, 0.0])
+    ranks = np.array([0, 3, 9, 10, 250])
+    assert per_user(ranks, Metric("HR", 10)).tolist() == [1, 1, 1, 0, 0]
+    assert per_user(ranks, Metric("Recall", 10)).tolist() == [1, 1, 1, 0, 0]  # one held-out target each
+    ndcg = [1.0, 1 / math.log2(5), 1 / math.log2(11), 0, 0]
+    assert per_user(ranks, Metric("NDCG", 10)).tolist() == pytest.approx(ndcg)
+    assert per_user(ranks, Metric("MRR", 10)).tolist() == pytest.approx([1.0, 1 / 4, 1 / 10, 0.0, 0.0])
+    assert per_user(ranks, Metric("HR", 5)).tolist() == [1, 1, 0, 0, 0]
+
+
+TEN = MetricSet.of(None, 10).ranked  # the paper's HR@10 and NDCG@10
 
 
 def _ranks(path, test, valid=None):
@@ -33,8 +41,8 @@ def test_paired_tests_are_scipys_on_hand_made_rank_files(tmp_path):
     a = _ranks(tmp_path / "a", [0, 1, 2, 15, 0, 3, 40, 1, 0, 7, 2, 30])
     b1 = _ranks(tmp_path / "b1", [5, 12, 2, 15, 9, 20, 40, 1, 11, 7, 50, 30])
     b2 = _ranks(tmp_path / "b2", [3, 12, 20, 15, 9, 2, 40, 1, 11, 17, 5, 30])
-    ua = per_user_over_runs([a], 10)
-    ub = per_user_over_runs([b1, b2], 10)  # averaged over the two seeds
+    ua = per_user_over_runs([a], TEN)
+    ub = per_user_over_runs([b1, b2], TEN)  # averaged over the two seeds
     seed1 = np.array([5, 12, 2, 15, 9, 20, 40, 1, 11, 7, 50, 30]) < 10
     seed2 = np.array([3, 12, 20, 15, 9, 2, 40, 1, 11, 17, 5, 30]) < 10
     hr_b = (seed1.astype(float) + seed2.astype(float)) / 2

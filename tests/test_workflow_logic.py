@@ -116,4 +116,4 @@ def test_every_rule_has_cluster_resources():
         assert {"runtime", "mem_mb", "cpus_per_task"} <= set(res), rule
     gpu = {r for r, res in profile["set-resources"].items() if res.get("gpu")}
     assert {"extract_shard", "caption", "train", "train_run", "profile"} <= gpu and "report" not in gpu
-    assert "localrules:\n    all," in (REPO / "Snakefile").read_text()
+    assert "localrules:\n    all," in (REPO / "workflow/Snakefile").read_text()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import warnings
 from pathlib import Path
 
 from iisan.core.errors import ConfigError
@@ -22,6 +24,19 @@ def json_arg(text: str, what: str):
         raise ConfigError(f"--{what}: not valid JSON ({e}); give a JSON object inline or @path/to/file.json") from e
 
 
+# Third-party import noise that says nothing about the user's run, so a log holds iisan's lines and
+# genuine warnings only. Each entry: the logger, and why its warnings are noise.
+QUIET = {
+    # gptqmodel imports torchao, which warns at import that its optional CUDA kernels (mxfp8,
+    # cutlass) and triton are absent; iisan's GPTQ path (gptqmodel's torch kernel) uses none of them
+    "torchao": "optional torchao kernels missing at import",
+    # torchao registers enums with torch's pytree at import, which torch 2.13 flags as deprecated
+    "torch.utils._pytree": "torchao's enum registration, deprecated at import",
+}
+# optimum's GPTQ loader (transformers loads GPTQ checkpoints through it) calls a deprecated transformers API
+QUIET_WARNINGS = [("`is_gradient_checkpointing` is deprecated", FutureWarning)]
+
+
 def setup_logging(log_file: str | None, verbose: bool) -> None:
     """Log to stderr and, if given, append to ``log_file``: a rerun after a kill keeps the killed attempt's log."""
     handlers = [logging.StreamHandler(sys.stderr)]
@@ -37,6 +52,10 @@ def setup_logging(log_file: str | None, verbose: bool) -> None:
     )
     for noisy in ("gptqmodel", "accelerate", "transformers", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name in QUIET:  # errors still come through
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for message, category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=category)
 
 
 def add_item_args(s) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from iisan.cli.common import json_arg
 
@@ -22,7 +23,11 @@ def cmd_report(a):
         labels = {e: d.get("label", e) for exps in (experiments or {}).values() for e, d in exps.items()}
         build_profile_report(json_arg(a.profiles, "profiles"), a.out, labels)
     else:
-        build_report(a.results, a.out, experiments=experiments)
+        from iisan.core.tracking import track_report
+
+        metrics = json_arg(a.metrics, "metrics") if a.metrics else None
+        build_report(a.results, a.out, experiments=experiments, metrics=metrics)
+        track_report(a.out, Path(a.out).name)  # when config.yaml's tracking is on
 
 
 def add_commands(sub) -> None:
@@ -36,5 +41,10 @@ def add_commands(sub) -> None:
     s.add_argument("--results", required=True, help="results/{dataset} folders' parent, e.g. results/")
     s.add_argument("--experiments", help="JSON: {dataset: {experiment: {group, label, ...}}} to order and label rows")
     s.add_argument("--profiles", help="JSON list of `iisan profile` outputs: a time-and-memory-by-batch-size report")
+    s.add_argument(
+        "--metrics",
+        help='JSON: {"names": [HR, Recall, NDCG, MRR, Coverage, PopPercentile], '
+        '"at": [k, ...]} (default: HR and NDCG at the runs\' metric_k)',
+    )
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_report)

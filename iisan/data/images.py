@@ -51,7 +51,10 @@ class ImageSource:
             raise DataError(
                 self.path,
                 "image folder/LMDB not found",
-                "set `images` to an existing folder of {ASIN}.jpg or an LMDB, or to null for text-only data",
+                "the paper's Amazon images are not redistributed here: the authors' repository (GAIR-Lab/IISAN "
+                "on GitHub, Dataset/) links them and its build_lmdb.py builds the LMDB (am_is.lmdb for "
+                "Scientific) from a folder of {ASIN}.jpg. Put the LMDB or the folder at this path, point "
+                "`images` at it, or set `images: null` for text-only data",
             )
         self._zip = zipfile.ZipFile(self.path) if zipfile.is_zipfile(self.path) else None
         self._is_lmdb = self._zip is None and (self.path.is_file() or (self.path / "data.mdb").is_file())

@@ -180,6 +180,17 @@ class _Captured(Exception):
     """Stops a forward pass once the first layer's inputs are captured."""
 
 
+def _quiet_gptqmodel() -> None:
+    """gptqmodel prints through its own logger (logbar), which sets itself to INFO when first made: a
+    banner, environment notices and a free-threading hint at every load, none about the user's run.
+    Made here first, at ERROR, so gptqmodel's import finds it so; iisan logs what it loaded and how."""
+    try:
+        from logbar import LogBar
+    except ImportError:  # no gptqmodel installed
+        return
+    LogBar.shared().setLevel(logging.ERROR)
+
+
 class Backbone:
     """A loaded, frozen backbone that maps a batch of item inputs to pooled
     hidden states of the selected layers: ``(B, K, H)``.
@@ -212,6 +223,8 @@ class Backbone:
         # the GPTQ kernel: as given, else gptqmodel's choice; streaming needs one that keeps no state
         # derived from its weights (iisan.extract.streaming.STREAMABLE), and torch's is one
         backend = spec.backend or ("torch" if spec.device_map == "auto" else None)
+        if self.info["quantization"] == "gptq":
+            _quiet_gptqmodel()
         if self.info["quantization"] == "gptq" and backend and not spec.quantization_config:
             from transformers import GPTQConfig
 

@@ -16,12 +16,14 @@ from pathlib import Path
 
 from iisan.core.errors import ConfigError
 from iisan.core.schema import check, schema_of
+from iisan.core.tracking import TrackingSettings
 from iisan.data.fields import DEFAULT_FIELD, FIELDS
 from iisan.data.prepare import PrepareSettings
 from iisan.extract.cache import CHUNK_ITEMS
 from iisan.extract.layerdrop import LayerSpec, select_layers
 from iisan.extract.specs import BackboneSpec, CaptionSpec
 from iisan.pipeline.runs import experiment_runs
+from iisan.results.metrics import MetricSettings
 from iisan.train import settings as train_settings
 from iisan.train.methods import METHODS
 
@@ -47,6 +49,8 @@ def _schema() -> dict:
     defs["backbone"] = _with(schema_of(BackboneSpec), defs.pop("backbone_pipeline"))
     defs["captioner"] = _with(schema_of(CaptionSpec), defs.pop("captioner_pipeline"))
     defs["layer_spec"] = schema_of(LayerSpec)
+    s["properties"]["metrics"] = {**schema_of(MetricSettings), "default": {}}
+    s["properties"]["tracking"] = {**schema_of(TrackingSettings), "default": {}}
     defs["tower"]["properties"]["field"]["enum"] = list(FIELDS)
     dataset = s["properties"]["datasets"]["additionalProperties"]
     dataset["properties"].update(schema_of(PrepareSettings)["properties"])

@@ -202,6 +202,12 @@ class Workflow:
         r = run_named(self.config, ds, exp, run) if run is not None else experiment_runs(self.config, ds, exp)[0]
         return json.dumps(r.settings, sort_keys=True)
 
+    def run_tags(self, ds: str, exp: str, run: str | None = None) -> str:
+        """What a tracked run is labelled with (iisan.core.tracking): dataset, experiment, run, grid point, seed."""
+        r = run_named(self.config, ds, exp, run) if run is not None else experiment_runs(self.config, ds, exp)[0]
+        return json.dumps({"dataset": ds, "experiment": exp, "run": run or exp, "point": r.point, "seed": r.seed},
+                          sort_keys=True)  # fmt: skip
+
     def run_folders(self, ds: str, exp: str) -> list[tuple[str, object]]:
         """(folder, run) of each run of a multi-run experiment."""
         return [(f"results/{ds}/{exp}/{r.name}", r) for r in experiment_runs(self.config, ds, exp)]
@@ -253,6 +259,10 @@ class Workflow:
                     for b in t["batch_sizes"]]  # fmt: skip
         runs = [f"results/{ds}/{e}/metrics.json" for ds, e in self.target_runs(target)]
         return runs + [f"results/report/{inc}/summary.json" for inc in t.get("include", [])]
+
+    def report_metrics(self) -> str:
+        """config.yaml's ``metrics:``: a report param, so a new metric reruns the reports alone."""
+        return json.dumps(self.config["metrics"], sort_keys=True)
 
     def report_experiments(self, target: str) -> str:
         out = {}

@@ -20,13 +20,14 @@ import json
 import logging
 from pathlib import Path
 
-from iisan.train import methods
+from iisan.core.errors import ConfigError
+from iisan.core.outputs import atomic_json
 from iisan.results import paper, plots
 from iisan.results.aggregate import run_dirs
 from iisan.results.efficiency import tpme
-from iisan.core.errors import ConfigError
-from iisan.core.outputs import atomic_json
+from iisan.results.metrics import MetricSet, experiment_values, missing_note
 from iisan.results.stats import paired_tests, per_user_over_runs
+from iisan.train import methods
 from iisan.train.settings import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,8 @@ def _load(results: Path, experiments: dict) -> tuple[list[dict], list[str]]:
             eff = json.loads((d / "efficiency.json").read_text()) if (d / "efficiency.json").is_file() else {}
             rows.append({"dataset": ds, "experiment": name, "label": desc.get("label", name),
                          "group": desc.get("group", "main"), "text_backbone": desc.get("text_backbone"),
-                         "text_params_b": desc.get("text_params_b"), "text_layers": desc.get("text_layers"), "metrics": m,
-                         "eff": eff,
-                         "runs": run_dirs(d)})  # fmt: skip
+                         "text_params_b": desc.get("text_params_b"), "text_layers": desc.get("text_layers"),
+                         "metrics": m, "eff": eff, "runs": run_dirs(d)})  # fmt: skip
     return rows, missing
 
 
@@ -69,52 +69,74 @@ def _sd(r, split, key) -> float:
     return r["metrics"].get("sd", {}).get(split, {}).get(key, 0.0)
 
 
-def _significance(rows: list[dict], k: int) -> dict[int, dict]:
-    """Per dataset: the best row (mean test HR@k) against the runner-up, by row index."""
+def _significance(rows: list[dict], k: int, ms: MetricSet) -> dict[int, dict]:
+    """Per dataset: the best row (mean test HR@k) against the runner-up, by row index, on every
+    ranked metric of the report."""
     found = {}
     for ds in dict.fromkeys(r["dataset"] for r in rows):
         idx = [
             i for i, r in enumerate(rows) if r["dataset"] == ds and all((d / "ranks.npz").is_file() for d in r["runs"])
         ]
-        if len(idx) < 2:
+        if len(idx) < 2 or not ms.ranked:
             continue
         best, second = sorted(idx, key=lambda i: rows[i]["metrics"]["test"][f"HR@{k}"], reverse=True)[:2]
-        a, b = (per_user_over_runs(rows[i]["runs"], k) for i in (best, second))
+        a, b = (per_user_over_runs(rows[i]["runs"], ms.ranked) for i in (best, second))
         found[best] = {"vs": rows[second]["experiment"], **{key: paired_tests(a[key], b[key]) for key in a}}
     return found
 
 
-def _quality_table(rows: list[dict], k: int) -> tuple[list[str], list[list], list[list]]:
+def _values(r: dict, ms: MetricSet) -> dict[str, tuple[float, float] | None]:
+    """(mean, sd) over seeds of each report metric, from the runs' ranks and top-K lists; the
+    run's own metrics.json where those files are absent (as for runs made before they were kept)."""
+    got = experiment_values(r["runs"], ms.metrics)
+    for label, v in got.items():
+        if v is None and label in r["metrics"]["test"]:
+            got[label] = (r["metrics"]["test"][label], _sd(r, "test", label))
+    return got
+
+
+def _quality_table(rows: list[dict], k: int, ms: MetricSet) -> tuple[list[str], list[list], list[list]]:
     """Header, CSV rows (numbers) and Markdown rows (mean ± sd, marks) of a quality table."""
-    metrics = (("test", f"HR@{k}"), ("test", f"NDCG@{k}"), ("valid", f"HR@{k}"))
+    labels = [m.label for m in ms.metrics]
     header = ["dataset", "experiment", "method"]
-    for split, key in metrics:
-        header += [f"{split} {key} (%)", f"{split} {key} sd"]
+    for label in labels:
+        header += [f"test {label} (%)", f"test {label} sd"]
+    header += [f"valid HR@{k} (%)", f"valid HR@{k} sd"]
     header += [f"paper test {key} (%)" for key in paper.METRICS] + [f"difference {key}" for key in paper.METRICS]
-    header += ["best epoch", "seeds", "vs", f"p t-test HR@{k}", f"p Wilcoxon HR@{k}", f"p t-test NDCG@{k}",
-               f"p Wilcoxon NDCG@{k}"]  # fmt: skip
-    sig = _significance(rows, k)
+    header += ["best epoch", "seeds", "vs"]
+    header += [f"p {test} {m.label}" for m in ms.ranked for test in ("t-test", "Wilcoxon")]
+    sig = _significance(rows, k, ms)
     csv_rows, md_rows = [], []
     for i, r in enumerate(rows):
         m, s = r["metrics"], sig.get(i)
         n_seeds = len(m.get("seeds", [m.get("seed")]))
         line, cells = [r["dataset"], r["experiment"], r["label"]], [r["dataset"], r["experiment"], r["label"]]
-        for split, key in metrics:
-            mean, sd = 100 * m[split][key], 100 * _sd(r, split, key)
+        values = _values(r, ms)
+        values[f"valid HR@{k}"] = (m["valid"][f"HR@{k}"], _sd(r, "valid", f"HR@{k}"))
+        for label in [*labels, f"valid HR@{k}"]:
+            if values[label] is None:
+                line += ["", ""]
+                cells.append("n/a")
+                continue
+            mean, sd = (100 * x for x in values[label])
             line += [mean, sd]
-            mark = "*" if s and split == "test" and s[key]["p_ttest"] < ALPHA else ""
+            mark = "*" if s and label in s and s[label]["p_ttest"] < ALPHA else ""
             cells.append(f"{mean:.2f} ± {sd:.2f}{mark}" if n_seeds > 1 else f"{mean:.2f}{mark}")
         pub = paper.published(r["dataset"], r["experiment"]) if k == paper.K else None
         diffs = [100 * m["test"][key] - pub[key] for key in paper.METRICS] if pub else ["", ""]
         line += [pub[key] for key in paper.METRICS] + diffs if pub else ["", "", "", ""]
         cells += [" / ".join(f"{pub[key]:.2f}" for key in paper.METRICS) if pub else "",
                   " / ".join(f"{d:+.2f}" for d in diffs) if pub else ""]  # fmt: skip
-        pvals = [s[key][p] for key in (f"HR@{k}", f"NDCG@{k}") for p in ("p_ttest", "p_wilcoxon")] if s else [""] * 4
+        pvals = (
+            [s[mt.label][p] for mt in ms.ranked for p in ("p_ttest", "p_wilcoxon")]
+            if s
+            else [""] * (2 * len(ms.ranked))
+        )
         line += [m["best_epoch"], n_seeds, s["vs"] if s else "", *pvals]
         cells += [f"{m['best_epoch']:g}", str(n_seeds)]
         csv_rows.append(line)
         md_rows.append(cells)
-    md_header = ["dataset", "experiment", "method", f"test HR@{k} (%)", f"test NDCG@{k} (%)", f"valid HR@{k} (%)",
+    md_header = ["dataset", "experiment", "method", *[f"test {label} (%)" for label in labels], f"valid HR@{k} (%)",
                  "paper HR@10 / NDCG@10 (%)", "difference", "best epoch", "seeds"]  # fmt: skip
     return header, csv_rows, [md_header, *md_rows]
 
@@ -154,10 +176,14 @@ def _write_reproduction(out: Path, lines: list[dict]) -> None:
             per = rows[i : i + len(paper.METRICS)]
             cells = [per[0]["row"], per[0]["dataset"], per[0]["experiment"]]
             for ln in per:
-                ours = "" if ln["measured"] is None else num(ln["measured"]) + (
-                    f" ± {ln['sd']:.2f}" if (ln["seeds"] or 0) > 1 and ln["within spread"] else "")
+                ours = (
+                    ""
+                    if ln["measured"] is None
+                    else num(ln["measured"])
+                    + (f" ± {ln['sd']:.2f}" if (ln["seeds"] or 0) > 1 and ln["within spread"] else "")
+                )
                 cells += [num(ln["published"]), ours, num(ln["difference"], "{:+.2f}"), ln["within spread"]]
-            md.append("| " + " | ".join(cells + [per[0]["status"]]) + " |")
+            md.append("| " + " | ".join([*cells, per[0]["status"]]) + " |")
         md.append("")
     (out / "reproduction.md").write_text("\n".join(md))
 
@@ -212,9 +238,10 @@ def _grid_rows(runs, k):
     return rows
 
 
-def build_report(results, out, experiments: dict | None = None) -> dict:
+def build_report(results, out, experiments: dict | None = None, metrics: dict | None = None) -> dict:
     """Write tables and plots to ``out``. ``experiments``: {dataset: {experiment: {group, label, ...}}};
-    by default every experiment found under ``results``."""
+    by default every experiment found under ``results``. ``metrics``: config.yaml's ``metrics:``
+    (iisan.results.metrics.MetricSettings; by default HR and NDCG at the runs' metric_k)."""
     results, out = Path(results), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if experiments is None:
@@ -223,14 +250,18 @@ def build_report(results, out, experiments: dict | None = None) -> dict:
             experiments.setdefault(m.parts[-3], {})[m.parts[-2]] = {}
     runs, missing = _load(results, experiments)
     k = metric_k(runs)
+    ms = MetricSet.of(metrics, k)
+    ranked = " or ".join(m.label for m in ms.ranked) or "no ranked metric"
     notes = ["Missing (not run or failed), left out: " + ", ".join(missing) if missing else "",
-             f"`*`: better than the runner-up of its dataset in this table, paired t-test over users on test HR@{k} "
-             f"or NDCG@{k} averaged over seeds, p < {ALPHA} (p-values, also Wilcoxon's, in the CSV)."]  # fmt: skip
+             f"`*`: better than the runner-up (by test HR@{k}) of its dataset in this table, paired t-test "
+             f"over users on test {ranked} averaged over seeds, p < {ALPHA} (p-values, also Wilcoxon's, in the "
+             "CSV)."]  # fmt: skip
     for name, title, groups in TABLES:
         rs = [r for r in runs if r["group"] in groups]
-        header, csv_rows, md_rows = _quality_table(rs, k)
+        header, csv_rows, md_rows = _quality_table(rs, k, ms)
         _write_csv(out / f"{name}.csv", header, csv_rows)
-        _write_md(out / f"{name}.md", title, md_rows, notes)
+        na = [missing_note(mt) for j, mt in enumerate(ms.metrics) if any(row[3 + j] == "n/a" for row in md_rows[1:])]
+        _write_md(out / f"{name}.md", title, md_rows, [*notes, *na])
     _write_reproduction(out, paper.reproduction({(r["dataset"], r["experiment"]): r["metrics"] for r in runs}, k))
     eff_header = ["dataset", "experiment", "method", "s/epoch", "peak memory (MiB)", "memory kind", "trainable params",
                   "TPME", "time / FFT"]  # fmt: skip

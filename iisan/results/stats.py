@@ -7,20 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-
-def per_user(ranks: np.ndarray, k: int) -> dict[str, np.ndarray]:
-    """HR@k and NDCG@k of each user from the 0-based rank of their target."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    hit = ranks < k
-    return {f"HR@{k}": hit.astype(np.float64), f"NDCG@{k}": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)}
+from iisan.results.metrics import per_user
 
 
-def per_user_over_runs(run_dirs: list[Path], k: int, split: str = "test") -> dict[str, np.ndarray]:
-    """Per-user metrics averaged over an experiment's runs (its seeds)."""
+def per_user_over_runs(run_dirs: list[Path], metrics, split: str = "test") -> dict[str, np.ndarray]:
+    """Each ranked metric (iisan.results.metrics.Metric) per user, averaged over an experiment's
+    runs (its seeds), by label."""
     values = []
     for d in run_dirs:
         with np.load(Path(d) / "ranks.npz") as z:
-            values.append(per_user(z[split], k))
+            values.append({m.label: per_user(z[split], m) for m in metrics if m.ranked})
     return {key: np.mean([v[key] for v in values], axis=0) for key in values[0]}
 
 

@@ -34,14 +34,14 @@ from iisan.core.outputs import atomic_file, atomic_json, claim_folder
 from iisan.data.prepared import PreparedData
 from iisan.train import checkpoint
 from iisan.train.loss import debiased_in_batch_ce
-from iisan.train.metrics import USER_BLOCK, hr_ndcg, rank_of_target
+from iisan.train.metrics import USER_BLOCK, hr_ndcg, rank_of_target, top_k
 from iisan.train.model import Inputs, Recommender, build, item_embeddings, user_embeddings
 from iisan.train.settings import ModelConfig, TrainConfig, settings
 
 log = logging.getLogger(__name__)
 
 # published at the end, in this order (metrics.json last); removed at the start, metrics.json first
-OUTPUTS = ("model.pt", "gates.json", "ranks.npz", "efficiency.json", "metrics.json")
+OUTPUTS = ("model.pt", "gates.json", "ranks.npz", "topk.npz", "efficiency.json", "metrics.json")
 RESUME = "resume.pt"  # the training state after the last finished epoch
 LOG = "train.log"
 
@@ -264,6 +264,13 @@ def _publish(s: Session, tc: TrainConfig, out: Path, inputs: Inputs, state: dict
     atomic_json(out / "gates.json", model.diagnostics())
     ranks = {"valid": valid_ranks.cpu().numpy().astype(np.int32), "test": test_ranks.cpu().numpy().astype(np.int32)}
     atomic_file(out / "ranks.npz", lambda f: np.savez(f, **ranks))
+    # the test users' top-K lists (history excluded, as ranked) and the training popularity: what list
+    # metrics (iisan.results.metrics) are computed from without the model
+    items = item_embeddings(model, tc.eval_batch_size, float32=False)
+    users = user_embeddings(model, sp["test_input"], tc.eval_batch_size, items=items)
+    _, top = top_k(users.cpu(), items.float().cpu(), sp["test_history"].cpu(), tc.keep_top)
+    lists = {"test": top.numpy().astype(np.int32), "popularity": s.data.popularity}
+    atomic_file(out / "topk.npz", lambda f: np.savez(f, **lists))
     atomic_json(out / "efficiency.json", efficiency)
     atomic_json(out / "metrics.json", metrics)  # last: its presence means the run finished
     return metrics

@@ -84,6 +84,8 @@ class TrainConfig:
     )
     metric_k: int = setting(10, "cut-off of HR@k / NDCG@k (early stopping, reports, recommend's default k)",
                             minimum=1)  # fmt: skip
+    keep_top: int = setting(50, "test users' top-K lists kept in topk.npz: the report's list metrics (coverage, "
+                            "popularity) at k up to this", minimum=1, maximum=1000)  # fmt: skip
 
 
 SETTINGS = (ModelConfig, TrainConfig)

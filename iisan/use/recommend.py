@@ -1,11 +1,8 @@
 """Use a trained run: top-K recommendations and embeddings.
 
 Users are scored against every item by dot product in chunks of users and of
-items, keeping a running top-K, so memory stays bounded (item embeddings, N x d,
-plus one users-by-items block) for catalogues of millions of items. Ties are
-broken by the lower item id, so the result does not depend on the chunk sizes:
-each (score, id) pair becomes one int64 key whose order is "higher score, then
-lower id", and a plain top-K of the keys is exact.
+items, keeping a running top-K (iisan.train.metrics.top_k), so memory stays
+bounded for catalogues of millions of items, and ties go to the lower item id.
 
 Whose recommendations: ``test`` users as at test time (their history up to the
 test target, which is hidden: the share of users whose target is in their top-K
@@ -25,7 +22,7 @@ import torch
 from iisan.core.errors import ConfigError, DataError
 from iisan.core.outputs import atomic_file, atomic_write
 from iisan.data.prepared import PreparedData, left_pad
-from iisan.train.metrics import ITEM_BLOCK, USER_BLOCK
+from iisan.train.metrics import ITEM_BLOCK, USER_BLOCK, top_k
 from iisan.train.model import item_embeddings, user_embeddings
 
 log = logging.getLogger(__name__)
@@ -40,7 +37,7 @@ class Users:
     exclude: torch.Tensor
 
 
-def _read_sequences(data: PreparedData) -> list[tuple[str, list[int]]]:
+def read_sequences(data: PreparedData) -> list[tuple[str, list[int]]]:
     rows = []
     with (Path(data.root) / "users.tsv").open(encoding="utf-8") as f:
         for line in f:
@@ -56,10 +53,10 @@ def select_users(data: PreparedData, which: str = "test", histories=None) -> Use
         rows = _read_histories(data, histories)
     elif which == "test":
         sp = data.splits
-        names = [u for u, _ in _read_sequences(data)]
+        names = [u for u, _ in read_sequences(data)]
         return Users(names, torch.as_tensor(sp["test_input"]), torch.as_tensor(sp["test_history"]))
     else:
-        rows = _read_sequences(data)
+        rows = read_sequences(data)
         if which != "next":
             rows = _pick_users(data, rows, which)
     seqs = [s for _, s in rows]
@@ -93,66 +90,6 @@ def _pick_users(data: PreparedData, rows, which) -> list[tuple[str, list[int]]]:
         raise DataError(which, f"{len(unknown)} user id(s) not in the run's dataset, e.g. {unknown[:3]}",
                         f"list user ids of {data.root}/users.tsv, or give new users as --histories")  # fmt: skip
     return [(w, by_name[w]) for w in wanted]
-
-
-def _keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordered as (score descending, id ascending): an order-preserving int32 image
-    of the float32 score in the high half, the complement of the id in the low half."""
-    bits = scores.float().contiguous().view(torch.int32)
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # monotone in the float value
-    return (ordered << 32) | (0xFFFFFFFF - ids.to(torch.int64))
-
-
-def top_k(users: torch.Tensor, items: torch.Tensor, exclude: torch.Tensor | None, k: int,
-          user_chunk: int = USER_BLOCK, item_chunk: int = ITEM_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Top-``k`` items per user by dot product: (scores (U, k) float32, item ids (U, k) int64).
-
-    ``items``: (N+1, d) with row 0 the padding item (never recommended); ``exclude``:
-    (U, H) item ids per user to leave out (0 = none)."""
-    n1 = len(items)
-    k = min(k, n1 - 1)
-    lowest = torch.iinfo(torch.int64).min
-    out_scores, out_ids = [], []
-    for u0 in range(0, len(users), user_chunk):
-        u = users[u0 : u0 + user_chunk]
-        ex = None if exclude is None else exclude[u0 : u0 + user_chunk]
-        best = torch.full((len(u), k), lowest, dtype=torch.int64)
-        for i0 in range(0, n1, item_chunk):
-            scores = u @ items[i0 : i0 + item_chunk].T  # (Uc, Ic)
-            scores = scores.masked_fill(~torch.isfinite(scores), -torch.inf)  # non-finite: never recommended
-            if i0 == 0:
-                scores[:, 0] = -torch.inf
-            if ex is not None:
-                local = ex - i0  # excluded ids in this chunk, as column indices
-                rows, cols = ((ex > 0) & (local >= 0) & (local < scores.shape[1])).nonzero(as_tuple=True)
-                scores[rows, local[rows, cols]] = -torch.inf
-            best = torch.topk(torch.cat([best, _chunk_keys(scores, i0, k)], dim=1), k, dim=1).values
-        out_scores.append(_score_of(best))
-        out_ids.append(torch.where(best == lowest, -1, 0xFFFFFFFF - (best & 0xFFFFFFFF)))  # -1: fewer items than k
-    return torch.cat(out_scores), torch.cat(out_ids)
-
-
-def _chunk_keys(scores: torch.Tensor, i0: int, k: int) -> torch.Tensor:
-    """A chunk's best ``k`` as keys. A float top-k is ten times cheaper than keying the whole
-    block, but picks arbitrarily among scores equal to the k-th: such rows are keyed in full."""
-    lowest = torch.iinfo(torch.int64).min
-    kk = min(k, scores.shape[1])
-    values, cols = torch.topk(scores, kk, dim=1)
-    keys = _keys(values, cols + i0).masked_fill(values == -torch.inf, lowest)
-    tied = ((scores >= values[:, -1:]).sum(1) > kk).nonzero(as_tuple=True)[0]
-    if len(tied):
-        block = scores[tied]
-        ids = torch.arange(i0, i0 + block.shape[1]).expand_as(block)
-        full = _keys(block, ids).masked_fill(block == -torch.inf, lowest)
-        keys[tied] = torch.topk(full, kk, dim=1).values
-    return keys
-
-
-def _score_of(keys: torch.Tensor) -> torch.Tensor:
-    """The float32 scores inside keys (exactly the computed values); NaN where no item was left."""
-    high = (keys >> 32).to(torch.int32)
-    scores = torch.where(high < 0, high ^ 0x7FFFFFFF, high).view(torch.float32)
-    return scores.masked_fill(keys == torch.iinfo(torch.int64).min, float("nan"))
 
 
 def recommend(run_dir, k: int | None = None, which: str = "test", histories=None, keep_history: bool = False,
@@ -208,10 +145,14 @@ def write_table(frame, path) -> Path:
 
 
 def export_embeddings(run_dir, out, which: str | None = None, histories=None, data_dir=None, caches=None,
-                      device="cpu") -> dict:  # fmt: skip
+                      device="cpu", index: str | None = None) -> dict:  # fmt: skip
     """Every item's embedding (``items.npy``, N x d float32, row i = item id i + 1, with
     ``items.tsv``: row, item_id, asin) and, when asked, users' (``users.npy`` + ``users.tsv``),
-    ready for an approximate-nearest-neighbour index: scores are plain dot products."""
+    ready for an approximate-nearest-neighbour index: scores are plain dot products.
+    ``index="faiss"`` also writes one (``items.faiss``, iisan.use.index) with its recall@10
+    against the exact top-10 of the test users (``index.json``)."""
+    if index not in (None, "faiss"):
+        raise ConfigError(f"--index {index!r}: the index kind iisan writes is faiss")
     import pandas as pd
 
     from iisan.use.trained import load_run
@@ -232,4 +173,13 @@ def export_embeddings(run_dir, out, which: str | None = None, histories=None, da
         atomic_file(out / "users.npy", lambda f: np.save(f, u))
         write_table(pd.DataFrame({"row": np.arange(len(u)), "user": users.names}), out / "users.tsv")
         written["users"] = str(out / "users.npy")
+    if index:
+        from iisan.use import index as ann
+
+        test = select_users(data, "test")
+        u = user_embeddings(model, test.inputs, USER_BLOCK, items=encoded).cpu()
+        _, exact = top_k(u, encoded.float().cpu(), None, 10)  # what an index cannot know: no history left out
+        info = written["index"] = ann.write(ann.build(items), items, u.numpy(), exact.numpy(), out)
+        log.info("faiss index of %d items: recall@10 %.4f against the exact top-10 of %d test users, %.3f ms a "
+                 "query", len(items), info["recall@10"], len(u), info["ms_per_query"])  # fmt: skip
     return written

@@ -10,6 +10,12 @@ rule cache_init:
         backbone=get_backbone_inputs,
     output:
         touch("results/{ds}/cache/{backbone}/{tag}.init"),
+    log:
+        "results/logs/{ds}/cache/{backbone}/{tag}.init.log",
+    benchmark:
+        "results/benchmarks/{ds}/cache/{backbone}/{tag}.init.tsv"
+    conda:
+        "../../envs/iisan.yaml"
     params:
         spec=get_backbone,
         store=get_store,
@@ -17,12 +23,6 @@ rule cache_init:
         chunk=config["extract"]["chunk_items"],
         captions=get_captions_flag,
         code=code_hash("extract"),
-    conda:
-        "../../envs/iisan.yaml"
-    log:
-        "results/logs/{ds}/cache/{backbone}/{tag}.init.log",
-    benchmark:
-        "results/benchmarks/{ds}/cache/{backbone}/{tag}.init.tsv"
     shell:
         "iisan --log {log} extract --data {input.data} --backbone {params.spec:q} --layers {params.layers:q} "
         "--store {params.store} "
@@ -37,6 +37,14 @@ rule extract_shard:
         init=get_store_init,
     output:
         "results/{ds}/cache/{backbone}/{tag}.shards/{shard}-of-{n}.done",
+    log:
+        "results/logs/{ds}/cache/{backbone}/{tag}.{shard}-of-{n}.log",
+    benchmark:
+        "results/benchmarks/{ds}/cache/{backbone}/{tag}.{shard}-of-{n}.tsv"
+    conda:
+        "../../envs/iisan.yaml"
+    resources:
+        gpu=1,
     params:
         spec=get_backbone,
         store=get_store,
@@ -46,14 +54,6 @@ rule extract_shard:
         # a single job may rebuild a stale store; shards of a split store never delete it
         mismatch=lambda wc: "rebuild" if int(wc.n) == 1 else "error",
         code=code_hash("extract"),
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/iisan.yaml"
-    log:
-        "results/logs/{ds}/cache/{backbone}/{tag}.{shard}-of-{n}.log",
-    benchmark:
-        "results/benchmarks/{ds}/cache/{backbone}/{tag}.{shard}-of-{n}.tsv"
     shell:
         "iisan --log {log} extract --data {input.data} --backbone {params.spec:q} --layers {params.layers:q} "
         "--store {params.store} "
@@ -66,14 +66,13 @@ rule cache_verify:
         get_shard_outputs,
     output:
         "results/{ds}/cache/{backbone}/{tag}.done",
-    params:
-        store=get_store,
-    conda:
-        "../../envs/iisan.yaml"
     log:
         "results/logs/{ds}/cache/{backbone}/{tag}.verify.log",
     benchmark:
         "results/benchmarks/{ds}/cache/{backbone}/{tag}.verify.tsv"
+    conda:
+        "../../envs/iisan.yaml"
+    params:
+        store=get_store,
     shell:
-        "iisan --log {log} cache-verify --store {params.store} "
-        "--done {output} {input}"
+        "iisan --log {log} cache-verify --store {params.store} " "--done {output} {input}"

@@ -11,21 +11,21 @@ rule caption:
         frames=get_caption_frames,
     output:
         directory("results/{ds}/captions/{source}"),
+    log:
+        "results/logs/{ds}/caption/{source}.log",
+    benchmark:
+        "results/benchmarks/{ds}/caption/{source}.tsv"
     wildcard_constraints:
         source="cover|video",
+    conda:
+        "../../envs/iisan.yaml"
+    resources:
+        gpu=1,
     params:
         captioner=get_captioner,
         frames=get_frames_flag,
         listing=get_frames_listing,
         code=code_hash("caption"),
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/iisan.yaml"
-    log:
-        "results/logs/{ds}/caption/{source}.log",
-    benchmark:
-        "results/benchmarks/{ds}/caption/{source}.tsv"
     shell:
         "iisan --log {log} caption --data {input.data} --captioner {params.captioner:q} --source {wildcards.source} "
         "{params.frames} --out {output}"

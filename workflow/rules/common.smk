@@ -104,6 +104,10 @@ def get_train_settings(wildcards):
     return W.train_settings(wildcards.ds, wildcards.exp, wildcards.get("run"))
 
 
+def get_run_tags(wildcards):
+    return W.run_tags(wildcards.ds, wildcards.exp, wildcards.get("run"))
+
+
 def get_item_flags(wildcards):
     return W.item_flags(wildcards.ds, wildcards.exp)
 
@@ -138,5 +142,9 @@ def get_report_experiments(wildcards):
 
 def report_output(name, caption, subcategory):
     """A report output flagged for `snakemake --report`, captioned by workflow/report/<caption>."""
-    return report(f"results/report/{{target}}/{name}", caption=f"../report/{caption}", category="{target}",
-                  subcategory=subcategory)
+    return report(
+        f"results/report/{{target}}/{name}",
+        caption=f"../report/{caption}",
+        category="{target}",
+        subcategory=subcategory,
+    )

@@ -10,37 +10,38 @@ rule train:
     output:
         metrics="results/{ds}/{exp}/metrics.json",
         efficiency="results/{ds}/{exp}/efficiency.json",
-    wildcard_constraints:
-        exp=W.run_names(multi=False),
-    params:
-        settings=get_train_settings,
-        item_flags=get_item_flags,
-        out=lambda wc, output: os.path.dirname(output.metrics),
-        code=get_train_code,
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/iisan.yaml"
     log:
         "results/logs/{ds}/{exp}/train.log",
     benchmark:
         "results/benchmarks/{ds}/{exp}/train.tsv"
+    wildcard_constraints:
+        exp=W.run_names(multi=False),
+    conda:
+        "../../envs/iisan.yaml"
+    resources:
+        gpu=1,
+    params:
+        settings=get_train_settings,
+        item_flags=get_item_flags,
+        out=lambda wc, output: os.path.dirname(output.metrics),
+        tags=get_run_tags,
+        code=get_train_code,
     shell:
         "iisan --log {log} train --data {input.data} {params.item_flags} --settings {params.settings:q} "
-        "--name {wildcards.exp} --out {params.out}"
+        "--name {wildcards.exp} --tags {params.tags:q} --out {params.out}"
 
 
 use rule train as train_run with:
     output:
         metrics="results/{ds}/{exp}/{run}/metrics.json",
         efficiency="results/{ds}/{exp}/{run}/efficiency.json",
-    wildcard_constraints:
-        exp=W.run_names(multi=True),
-        run="[^/]+",
     log:
         "results/logs/{ds}/{exp}/{run}/train.log",
     benchmark:
         "results/benchmarks/{ds}/{exp}/{run}/train.tsv"
+    wildcard_constraints:
+        exp=W.run_names(multi=True),
+        run="[^/]+",
 
 
 rule aggregate:
@@ -49,18 +50,18 @@ rule aggregate:
     output:
         metrics="results/{ds}/{exp}/metrics.json",
         efficiency="results/{ds}/{exp}/efficiency.json",
-    wildcard_constraints:
-        exp=W.run_names(multi=True),
-    params:
-        runs=get_aggregate_runs,
-        out=lambda wc, output: os.path.dirname(output.metrics),
-        code=code_hash("aggregate"),
-    conda:
-        "../../envs/report.yaml"
     log:
         "results/logs/{ds}/{exp}/aggregate.log",
     benchmark:
         "results/benchmarks/{ds}/{exp}/aggregate.tsv"
+    wildcard_constraints:
+        exp=W.run_names(multi=True),
+    conda:
+        "../../envs/report.yaml"
+    params:
+        runs=get_aggregate_runs,
+        out=lambda wc, output: os.path.dirname(output.metrics),
+        code=code_hash("aggregate"),
     shell:
         "iisan --log {log} aggregate --runs {params.runs:q} --out {params.out}"
 
@@ -71,21 +72,21 @@ rule profile:
         data="results/{ds}/data",
     output:
         "results/{ds}/{exp}/profile/bs-{bs}.steps-{steps}.json",
-    wildcard_constraints:
-        bs=r"\d+",
-        steps=r"\d+",
-    params:
-        settings=get_train_settings,
-        item_flags=get_item_flags,
-        code=get_profile_code,
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/iisan.yaml"
     log:
         "results/logs/{ds}/{exp}/profile/bs-{bs}.steps-{steps}.log",
     benchmark:
         "results/benchmarks/{ds}/{exp}/profile/bs-{bs}.steps-{steps}.tsv"
+    wildcard_constraints:
+        bs=r"\d+",
+        steps=r"\d+",
+    conda:
+        "../../envs/iisan.yaml"
+    resources:
+        gpu=1,
+    params:
+        settings=get_train_settings,
+        item_flags=get_item_flags,
+        code=get_profile_code,
     shell:
         "iisan --log {log} profile --data {input.data} {params.item_flags} --settings {params.settings:q} "
         "--batch-size {wildcards.bs} --steps {wildcards.steps} --out {output}"
@@ -96,16 +97,16 @@ rule recommend:
         "results/{ds}/{exp}/metrics.json",
     output:
         "results/{ds}/{exp}/recommendations.{fmt}",
-    wildcard_constraints:
-        fmt="tsv|parquet",
-    params:
-        k=get_metric_k,
-        code=code_hash("recommend"),
-    conda:
-        "../../envs/iisan.yaml"
     log:
         "results/logs/{ds}/{exp}/recommend.{fmt}.log",
     benchmark:
         "results/benchmarks/{ds}/{exp}/recommend.{fmt}.tsv"
+    wildcard_constraints:
+        fmt="tsv|parquet",
+    conda:
+        "../../envs/iisan.yaml"
+    params:
+        k=get_metric_k,
+        code=code_hash("recommend"),
     shell:
         "iisan --log {log} recommend --run $(dirname {input}) --k {params.k} --out {output}"
