@@ -35,9 +35,9 @@ def _command(args) -> list[str]:
     return [sys.executable, "-m", "iisan", *map(str, args)]
 
 
-def iisan(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    """``python -m iisan ARGS`` run to its end (stdout and stderr as text)."""
-    env = dict(os.environ, TQDM_DISABLE="1")
+def iisan(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """``python -m iisan ARGS`` run to its end (stdout and stderr as text); ``env`` adds variables."""
+    env = dict(os.environ, TQDM_DISABLE="1", **(env or {}))
     return subprocess.run(_command(args), capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
 

@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from iisan.extract.backbones import shipped_config
 from iisan.extract.layerdrop import select_layers
 from iisan.pipeline.config import validate
 from iisan.pipeline.workflow import Workflow
@@ -237,11 +238,10 @@ def test_figure7_plot_pairs_full_and_dropped_caches_by_text_encoder(tmp_path):
 
 def test_backbone_layer_counts_are_the_shipped_model_configs(workflow):
     # n_layers drives the config-time tap check: it must be what the model itself has
-    fixtures = REPO / "tests/fixtures/models"
     checked = 0
     for name, b in workflow.config["backbones"].items():
-        folder = fixtures / name.removesuffix("-it").removesuffix("-chat")
-        if b["n_layers"] is None or not folder.is_dir():
+        folder = shipped_config(name)
+        if b["n_layers"] is None or folder is None:
             continue
         cfg = json.loads((folder / "config.json").read_text())
         cfg = cfg.get("text_config", cfg)

@@ -108,8 +108,9 @@ def test_the_faiss_index_finds_the_exact_top_10_and_can_serve(run, tmp_path):
 
     written = export_embeddings(run, tmp_path / "emb", index="faiss")
     info = json.loads((tmp_path / "emb/index.json").read_text())
-    assert written["index"] == info and info["recall@10"] >= 0.95 and info["n_items"] == len(
-        np.load(tmp_path / "emb/items.npy"))  # fmt: skip
+    assert written["index"] == info
+    assert info["recall@10"] >= 0.95, info
+    assert info["n_items"] == len(np.load(tmp_path / "emb/items.npy"))
     exact, approx = Service(run), Service(run, index=tmp_path / "emb/items.faiss")
     assert approx.health()["search"] == "faiss HNSW"
     user = next(iter(exact.sequences))
@@ -118,3 +119,25 @@ def test_the_faiss_index_finds_the_exact_top_10_and_can_serve(run, tmp_path):
     assert not {i["item_id"] for i in b["items"]} & set(exact.sequences[user])  # history left out through the index
     with pytest.raises(Exception, match="no index here"):
         ann.load(tmp_path / "missing.faiss")
+
+
+def test_recall_counts_ties_with_the_kth_and_the_search_breadth_is_tuned_to_the_target(monkeypatch):
+    from iisan.use import index as ann
+
+    # items 1 and 2 are the same vector (a duplicate title): either is the right 2nd item
+    items = np.array([[3.0, 0.0], [2.0, 0.0], [2.0, 0.0], [0.0, 1.0]], np.float32)
+    user = np.array([[1.0, 0.0]], np.float32)
+    index = ann.build(items)
+    _, got = ann.search(index, user, 2)
+    assert got[0, 0] == 1 and got[0, 1] in (2, 3)
+    assert ann.recall(index, items, user, np.array([2.0]), 2) == 1.0  # whichever twin came back
+    assert ann.recall(index, items, user, np.array([2.5]), 2) == 0.5  # a k-th score only item 1 reaches
+    breadths = []
+
+    def recall_at(index, *a, **kw):  # reaches the target from the third breadth on
+        breadths.append(index.hnsw.hnsw.efSearch)
+        return 0.9 if len(breadths) < 3 else 0.96
+
+    monkeypatch.setattr(ann, "recall", recall_at)
+    assert ann.tune(index, items, user, np.array([2.0]), 2) == ann.EF_STEPS[2] == index.hnsw.hnsw.efSearch
+    assert breadths == list(ann.EF_STEPS[:3])

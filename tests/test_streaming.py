@@ -8,8 +8,8 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from iisan.core.errors import ConfigError
-from iisan.extract.backbones import Backbone
+from iisan.core.errors import ConfigError, ModelLoadError
+from iisan.extract.backbones import MODEL_CONFIGS, Backbone
 from iisan.extract.backbones import plan as plan_backbone
 from iisan.extract.planner import linear_bytes, place, sizes_from_config
 from iisan.extract.specs import BackboneSpec
@@ -17,7 +17,6 @@ from iisan.extract.streaming import nbytes, tensors
 
 from conftest import REPO, iisan
 
-FIXTURES = REPO / "tests/fixtures/models"
 BUDGET = {"tiny-llama": "20MB", "tiny-llama-gptq": "8.5MB"}  # the embeddings and 7 of the 24 layers
 TITLES = ["a", "steel beaker 250 ml", "a glass pipette with a long name and many words to pad the batch out", "red"]
 LAYERS = [0, 4, 8, 12, 16, 20, 24]
@@ -113,7 +112,8 @@ def test_the_70b_plan_is_the_configs_arithmetic():
     from iisan.pipeline.config import pipeline_only
 
     entry = {k: v for k, v in config["backbones"]["llama3-70b-gptq"].items() if k not in pipeline_only("backbone")}
-    plan = plan_backbone(BackboneSpec(**entry), model_config=FIXTURES / "llama3-70b-gptq", device_memory="24GB")
+    plan = plan_backbone(BackboneSpec(**entry), model_config=MODEL_CONFIGS / "llama3-70b-gptq",
+                         device_memory="24GB")  # fmt: skip
     p = plan.placement
     assert plan.device == "cuda:0" and len(p.resident) == 43 and len(p.homes) == 37
     assert set(p.homes.values()) == {"cpu"}  # 96 GiB of host memory holds every streamed layer
@@ -125,13 +125,16 @@ def test_the_70b_plan_is_the_configs_arithmetic():
     assert plan.passes == 57 and p.streamed_bytes == pytest.approx(16.46e9, rel=0.001)
 
 
-def test_iisan_plan_prints_the_plan_offline():
-    r = iisan("plan", "llama3-70b-gptq", "--config", REPO / "config.yaml", "--model-config",
-              FIXTURES / "llama3-70b-gptq", "--device-memory", "24GB", cwd=REPO)  # fmt: skip
+def test_iisan_plan_prints_the_plan_offline(tmp_path):
+    # from another folder and with no --model-config: the config shipped in the package, as the log says
+    r = iisan("plan", "llama3-70b-gptq", "--config", REPO / "config.yaml", "--device-memory", "24GB", cwd=tmp_path,
+              env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert (
-        "43 / 37 (37 from host memory, 0 from disk)" in r.stdout and "tokens_per_batch                 7168" in r.stdout
-    )
-    assert "predicted time" in r.stdout
+    assert "43 / 37 (37 from host memory, 0 from disk)" in r.stdout
+    assert "tokens_per_batch                 7168" in r.stdout and "predicted time" in r.stdout
+    assert f"planning from the config shipped with iisan, {MODEL_CONFIGS / 'llama3-70b-gptq'}" in r.stderr
     r = iisan("plan", "no-such-backbone", "--config", REPO / "config.yaml", cwd=REPO)
     assert r.returncode == 2 and "backbone 'no-such-backbone' is not in" in r.stderr
+    # neither on the machine nor shipped: the named error with the download to make
+    with pytest.raises(ModelLoadError, match=r"(?s)'nobody/none' is not available locally.*hf download nobody/none"):
+        plan_backbone(BackboneSpec(model="nobody/none"), name="nobody")

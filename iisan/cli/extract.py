@@ -61,7 +61,8 @@ def cmd_plan(a):
 
         n_items = PreparedData.load(a.data).n_items
     plan = plan_backbone(spec, device=a.device, model_config=a.model_config, device_memory=a.device_memory,
-                         chunk_items=a.chunk_items, n_items=n_items, tokens_per_item=a.tokens_per_item)  # fmt: skip
+                         chunk_items=a.chunk_items, n_items=n_items, tokens_per_item=a.tokens_per_item,
+                         name=a.backbone)  # fmt: skip
     bandwidth = parse_bytes(a.bandwidth.removesuffix("/s"), "--bandwidth")
     flops = a.tflops * 1e12
     if a.json:

@@ -57,6 +57,18 @@ DECODER_TYPES = {
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# config.json of each of the paper's backbones (architectures only, no weights): `iisan plan` reads
+# them for a backbone that is not on this machine
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+
+
+def shipped_config(name: str) -> Path | None:
+    """The shipped config folder of config.yaml's backbone ``name`` (instruction-tuned and chat
+    variants share their base model's architecture), or None."""
+    folder = MODEL_CONFIGS / name.removesuffix("-it").removesuffix("-chat")
+    return folder if (folder / "config.json").is_file() else None
+
+
 def _config(spec: BackboneSpec):
     from transformers import AutoConfig
 
@@ -154,11 +166,19 @@ def resolve_dtype(spec: BackboneSpec, info: dict, device: torch.device) -> torch
 
 
 def plan(spec: BackboneSpec, *, device=None, model_config=None, device_memory=None, chunk_items: int = 1024,
-         n_items: int = 20_314, tokens_per_item: float | None = None) -> Plan:  # fmt: skip
+         n_items: int = 20_314, tokens_per_item: float | None = None, name: str | None = None) -> Plan:  # fmt: skip
     """The plan of a backbone spec (``iisan.extract.specs.BackboneSpec``) from its config alone:
-    ``model_config``, a folder with a ``config.json`` (or the spec's model, locally)."""
+    ``model_config``, a folder with a ``config.json``; else the spec's model, locally; else the
+    config shipped for config.yaml's backbone ``name`` (``MODEL_CONFIGS``)."""
     target = dataclasses.replace(spec, model=str(model_config)) if model_config else spec
-    config = _config(target)
+    try:
+        config = _config(target)
+    except ModelLoadError:
+        shipped = None if model_config or not name else shipped_config(name)
+        if shipped is None:
+            raise
+        log.info("%s is not on this machine: planning from the config shipped with iisan, %s", spec.model, shipped)
+        config = _config(dataclasses.replace(spec, model=str(shipped)))
     if device is None:  # where the weights are budgeted: a GPU index in max_memory means a GPU
         gpu = any(isinstance(k, int) for k in (spec.max_memory or {}))
         device = "cuda:0" if gpu else "cpu"

@@ -47,10 +47,11 @@ LOG = "train.log"
 
 
 @torch.no_grad()
-def rank_all(model: Recommender, inputs, targets, history, batch: int) -> torch.Tensor:
+def rank_all(model: Recommender, inputs, targets, history, batch: int, items=None) -> torch.Tensor:
     """0-based rank of each user's target among all items (history excluded): the items encoded
-    ``batch`` at a time, then users ``batch`` at a time ranked in blocks (iisan.train.metrics)."""
-    items = item_embeddings(model, batch, float32=False)  # (N+1, d)
+    ``batch`` at a time (unless given), then users ``batch`` at a time ranked in blocks
+    (iisan.train.metrics)."""
+    items = item_embeddings(model, batch, float32=False) if items is None else items  # (N+1, d)
     ranks = []
     for i in range(0, len(inputs), batch):
         u = user_embeddings(model, inputs[i : i + batch], batch, float32=False, items=items)  # (U, d)
@@ -230,8 +231,9 @@ def _publish(s: Session, tc: TrainConfig, out: Path, inputs: Inputs, state: dict
         model.load_state_dict(state["best_state"])
     else:  # nothing to fit: evaluate as built
         state["best_valid"] = _valid(s, tc)
-    valid_ranks = rank_all(model, sp["valid_input"], sp["valid_target"], sp["valid_history"], tc.eval_batch_size)
-    test_ranks = rank_all(model, sp["test_input"], sp["test_target"], sp["test_history"], tc.eval_batch_size)
+    items = item_embeddings(model, tc.eval_batch_size, float32=False)  # one pass over the catalogue for all below
+    valid_ranks = rank_all(model, sp["valid_input"], sp["valid_target"], sp["valid_history"], tc.eval_batch_size, items)
+    test_ranks = rank_all(model, sp["test_input"], sp["test_target"], sp["test_history"], tc.eval_batch_size, items)
     test = hr_ndcg(test_ranks, k)
     log.info("best epoch %d: valid %s  test %s", state["best_epoch"], state["best_valid"], test)
     metrics = {
@@ -266,7 +268,6 @@ def _publish(s: Session, tc: TrainConfig, out: Path, inputs: Inputs, state: dict
     atomic_file(out / "ranks.npz", lambda f: np.savez(f, **ranks))
     # the test users' top-K lists (history excluded, as ranked) and the training popularity: what list
     # metrics (iisan.results.metrics) are computed from without the model
-    items = item_embeddings(model, tc.eval_batch_size, float32=False)
     users = user_embeddings(model, sp["test_input"], tc.eval_batch_size, items=items)
     _, top = top_k(users.cpu(), items.float().cpu(), sp["test_history"].cpu(), tc.keep_top)
     lists = {"test": top.numpy().astype(np.int32), "popularity": s.data.popularity}

@@ -8,6 +8,12 @@ HNSW plateaus at 0.95 recall@10 whatever its search breadth). So each item x is 
 is then the one of largest q.x (Bachrach et al., 2014), and q.x = (|q|^2 + M - d^2) / 2.
 Row i of the index is item id i + 1 (item 0 is padding). A search knows nothing of a
 user's history: ``search`` asks for k plus the history's length and drops the history.
+
+The search breadth (efSearch) is chosen when the index is written: the smallest of
+``EF_STEPS`` whose recall@10 on a sample of test users reaches ``TARGET_RECALL`` (items
+whose norms spread widely need more: the added coordinate then dominates the distances).
+Recall counts a returned item as right when its exact score reaches the exact k-th
+score, so among items tied with the k-th (duplicate titles embed alike) any one is right.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import numpy as np
 from iisan.core.errors import ConfigError
 from iisan.core.outputs import atomic_file, atomic_json
 
-HNSW_M, EF_CONSTRUCTION, EF_SEARCH = 32, 200, 128  # faiss' HNSW: links per node, build and search breadth
+HNSW_M, EF_CONSTRUCTION = 32, 200  # faiss' HNSW: links per node, build breadth
+EF_STEPS = (64, 128, 256, 512, 1024, 2048, 4096)  # search breadths tried, cheapest first
+TARGET_RECALL, TUNE_USERS = 0.95, 2000  # recall@10 the search breadth is chosen for, on this many test users
 
 
 def _faiss():
@@ -43,7 +51,7 @@ class Index:
         return int(self.hnsw.ntotal)
 
 
-def build(items: np.ndarray, ef_search: int = EF_SEARCH) -> Index:
+def build(items: np.ndarray, ef_search: int = EF_STEPS[0]) -> Index:
     """An index over ``items`` (N x d float32, row i = item id i + 1)."""
     faiss = _faiss()
     items = np.asarray(items, dtype=np.float32)
@@ -75,25 +83,47 @@ def search(index: Index, users: np.ndarray, k: int, exclude: list[set[int]] | No
     return out_s, out_i
 
 
-def recall(index, users: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
-    """The share of the exact top-``k`` (``exact_ids``, U x k item ids) the index returns in its top-``k``."""
-    _, got = search(index, users, k)
-    hits = sum(len(set(g[g > 0]) & set(e[e > 0])) for g, e in zip(got, exact_ids[:, :k], strict=True))
-    return hits / max(int((exact_ids[:, :k] > 0).sum()), 1)
+def recall(index: Index, items: np.ndarray, users: np.ndarray, kth: np.ndarray, k: int, block: int = 4096) -> float:
+    """The share of the index's top-``k`` whose exact score reaches ``kth``, each user's exact
+    k-th score (``items``: N x d, row i = item id i + 1)."""
+    hits = 0
+    for u0 in range(0, len(users), block):
+        u, t = users[u0 : u0 + block].astype(np.float64), kth[u0 : u0 + block, None]
+        _, got = search(index, u, k)
+        exact = np.einsum("ud,ukd->uk", u, items[np.maximum(got - 1, 0)].astype(np.float64))
+        hits += int(((got > 0) & (exact >= t - 1e-6 * np.maximum(np.abs(t), 1))).sum())  # float32 vs float64
+    return hits / max(k * len(users), 1)
 
 
-def write(index: Index, items: np.ndarray, users: np.ndarray, exact_ids: np.ndarray, out: Path, k: int = 10) -> dict:
-    """``out``/items.faiss and index.json: the index, its parameters, recall@k against the exact
-    top-k of ``users`` and the time per query."""
+def tune(index: Index, items: np.ndarray, users: np.ndarray, kth: np.ndarray, k: int,
+         target: float = TARGET_RECALL) -> int:  # fmt: skip
+    """Set and return the smallest search breadth of ``EF_STEPS`` whose recall@k on up to
+    ``TUNE_USERS`` of ``users`` (a fixed random sample) reaches ``target`` (else the largest)."""
+    pick = np.random.default_rng(0).permutation(len(users))[:TUNE_USERS]
+    for ef in EF_STEPS:
+        index.hnsw.hnsw.efSearch = ef
+        if recall(index, items, users[pick], kth[pick], k) >= target:
+            break
+    return index.hnsw.hnsw.efSearch
+
+
+def write(index: Index, items: np.ndarray, users: np.ndarray, exact_scores: np.ndarray, out: Path,
+          k: int = 10) -> dict:  # fmt: skip
+    """``out``/items.faiss and index.json: the index with its search breadth tuned (``tune``),
+    its parameters, recall@k against the exact top-k scores of ``users`` (U x k, descending)
+    and the time per query."""
     faiss = _faiss()
+    kth = np.nan_to_num(np.asarray(exact_scores, np.float64)[:, k - 1], nan=-np.inf)  # NaN: fewer than k items
+    ef = tune(index, items, users, kth, k)
     atomic_file(out / "items.faiss", lambda f: f.write(faiss.serialize_index(index.hnsw).tobytes()))
     t0 = time.perf_counter()
-    got = recall(index, users, exact_ids, k)
+    search(index, users, k)
     seconds = time.perf_counter() - t0
+    got = recall(index, items, users, kth, k)
     info = {"kind": "HNSW over L2 of MIPS-augmented items", "M": HNSW_M, "efConstruction": EF_CONSTRUCTION,
-            "efSearch": index.hnsw.hnsw.efSearch, "max_sq_norm": index.max_sq_norm, "n_items": index.ntotal,
-            "dim": int(items.shape[1]), f"recall@{k}": got, "users": len(users),
-            "ms_per_query": 1000 * seconds / max(len(users), 1)}  # fmt: skip
+            "efSearch": ef, "target_recall": TARGET_RECALL, "tuned_on_users": min(TUNE_USERS, len(users)),
+            "max_sq_norm": index.max_sq_norm, "n_items": index.ntotal, "dim": int(items.shape[1]),
+            f"recall@{k}": got, "users": len(users), "ms_per_query": 1000 * seconds / max(len(users), 1)}  # fmt: skip
     atomic_json(out / "index.json", info)
     return info
 

@@ -178,8 +178,9 @@ def export_embeddings(run_dir, out, which: str | None = None, histories=None, da
 
         test = select_users(data, "test")
         u = user_embeddings(model, test.inputs, USER_BLOCK, items=encoded).cpu()
-        _, exact = top_k(u, encoded.float().cpu(), None, 10)  # what an index cannot know: no history left out
+        exact, _ = top_k(u, encoded.float().cpu(), None, 10)  # what an index cannot know: no history left out
         info = written["index"] = ann.write(ann.build(items), items, u.numpy(), exact.numpy(), out)
-        log.info("faiss index of %d items: recall@10 %.4f against the exact top-10 of %d test users, %.3f ms a "
-                 "query", len(items), info["recall@10"], len(u), info["ms_per_query"])  # fmt: skip
+        log.info("faiss index of %d items: recall@10 %.4f against the exact top-10 of %d test users at efSearch %d, "
+                 "%.3f ms a query", len(items), info["recall@10"], len(u), info["efSearch"],
+                 info["ms_per_query"])  # fmt: skip
     return written
