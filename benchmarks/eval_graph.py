@@ -12,14 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from children import answered, in_child
-
-
-def _rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
+from children import answered, in_child, status_bytes
 
 
 def child(job: dict) -> dict:
@@ -52,9 +45,9 @@ def child(job: dict) -> dict:
     sp = {k: torch.as_tensor(v) for k, v in data.splits.items()}
     rank_all(model, sp["valid_input"][:8], sp["valid_target"][:8], sp["valid_history"][:8], 2048)  # warm up
     Path("/proc/self/clear_refs").write_text("5")
-    base, t = _rss("VmRSS:"), time.perf_counter()
+    base, t = status_bytes("VmRSS:"), time.perf_counter()
     rank_all(model, sp["valid_input"], sp["valid_target"], sp["valid_history"], 2048)
-    return {"seconds": round(time.perf_counter() - t, 2), "peak_mib": round((_rss("VmHWM:") - base) / 2**20, 1)}
+    return {"seconds": round(time.perf_counter() - t, 2), "peak_mib": round((status_bytes("VmHWM:") - base) / 2**20, 1)}
 
 
 def main():

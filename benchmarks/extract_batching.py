@@ -27,16 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from children import answered, in_child, scientific
+from children import answered, in_child, scientific, status_bytes
 
 BATCHES = (16, 64, 256, 1024)
-
-
-def _rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def child(job: dict) -> dict:
@@ -57,7 +50,7 @@ def child(job: dict) -> dict:
     with torch.no_grad():
         b.forward(b.encode_inputs(titles[:2]), layers)  # warm up kernels before the baseline
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
-    base = _rss("VmRSS:")
+    base = status_bytes("VmRSS:")
     real = padded = passes = 0
     moved = b.stream.moved_bytes if b.stream else 0
     t = time.perf_counter()
@@ -84,7 +77,7 @@ def child(job: dict) -> dict:
         "items_per_s": round(len(titles) / seconds, 1),
         "padding_share": round(1 - real / padded, 4),
         "passes": passes,
-        "peak_rss_above_baseline_mib": round((_rss("VmHWM:") - base) / 2**20, 1),
+        "peak_rss_above_baseline_mib": round((status_bytes("VmHWM:") - base) / 2**20, 1),
         "streamed_mib_per_item": round(((b.stream.moved_bytes if b.stream else 0) - moved) / len(titles) / 2**20, 3),
         "layers": len(layers),
     }

@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from children import answered, in_child
+from children import answered, in_child, status_bytes
 
 WIDTH, TAPS = 1024, 7
 
@@ -113,15 +113,7 @@ def child(job: dict) -> dict:
     return {"residency": s.model.sources.features.residency, "load_s": round(load, 1), "train_s": round(train, 1),
             "eval_s": round(evaluate, 1), "train_users_per_s": round(len(users) / train, 1),
             "eval_items_per_s": round((s.data.n_items + 1) / evaluate),
-            "peak_rss_gib": round(_hwm() / 2**30, 2)}  # fmt: skip
-
-
-def _hwm() -> int:
-    """The process's peak resident set size over its whole life (load included)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
+            "peak_rss_gib": round(status_bytes("VmHWM:") / 2**30, 2)}  # fmt: skip
 
 
 def run(job: dict) -> dict:
