@@ -47,14 +47,15 @@ LOG = "train.log"
 
 
 @torch.no_grad()
-def rank_all(model: Recommender, inputs, targets, history, batch: int, items=None) -> torch.Tensor:
+def rank_all(model: Recommender, inputs, targets, history, batch: int, items=None, users=None) -> torch.Tensor:
     """0-based rank of each user's target among all items (history excluded): the items encoded
-    ``batch`` at a time (unless given), then users ``batch`` at a time ranked in blocks
-    (iisan.train.metrics)."""
-    items = item_embeddings(model, batch, float32=False) if items is None else items  # (N+1, d)
+    ``batch`` at a time, then users ``batch`` at a time (unless given: ``items`` (N+1, d), ``users``
+    (U, d) in the encoder's dtype) ranked in blocks (iisan.train.metrics)."""
+    items = item_embeddings(model, batch, float32=False) if items is None else items
     ranks = []
     for i in range(0, len(inputs), batch):
-        u = user_embeddings(model, inputs[i : i + batch], batch, float32=False, items=items)  # (U, d)
+        u = user_embeddings(model, inputs[i : i + batch], batch, float32=False, items=items) if users is None \
+            else users[i : i + batch]  # fmt: skip
         for j in range(0, len(u), USER_BLOCK):  # scores of at most USER_BLOCK users at a time
             sl = slice(i + j, i + j + USER_BLOCK)
             ranks.append(rank_of_target(u[j : j + USER_BLOCK], items, targets[sl], history[sl]))
@@ -233,7 +234,9 @@ def _publish(s: Session, tc: TrainConfig, out: Path, inputs: Inputs, state: dict
         state["best_valid"] = _valid(s, tc)
     items = item_embeddings(model, tc.eval_batch_size, float32=False)  # one pass over the catalogue for all below
     valid_ranks = rank_all(model, sp["valid_input"], sp["valid_target"], sp["valid_history"], tc.eval_batch_size, items)
-    test_ranks = rank_all(model, sp["test_input"], sp["test_target"], sp["test_history"], tc.eval_batch_size, items)
+    test_users = user_embeddings(model, sp["test_input"], tc.eval_batch_size, float32=False, items=items)
+    test_ranks = rank_all(model, sp["test_input"], sp["test_target"], sp["test_history"], tc.eval_batch_size, items,
+                          test_users)  # fmt: skip
     test = hr_ndcg(test_ranks, k)
     log.info("best epoch %d: valid %s  test %s", state["best_epoch"], state["best_valid"], test)
     metrics = {
@@ -268,8 +271,7 @@ def _publish(s: Session, tc: TrainConfig, out: Path, inputs: Inputs, state: dict
     atomic_file(out / "ranks.npz", lambda f: np.savez(f, **ranks))
     # the test users' top-K lists (history excluded, as ranked) and the training popularity: what list
     # metrics (iisan.results.metrics) are computed from without the model
-    users = user_embeddings(model, sp["test_input"], tc.eval_batch_size, items=items)
-    _, top = top_k(users.cpu(), items.float().cpu(), sp["test_history"].cpu(), tc.keep_top)
+    _, top = top_k(test_users.float().cpu(), items.float().cpu(), sp["test_history"].cpu(), tc.keep_top)
     lists = {"test": top.numpy().astype(np.int32), "popularity": s.data.popularity}
     atomic_file(out / "topk.npz", lambda f: np.savez(f, **lists))
     atomic_json(out / "efficiency.json", efficiency)
