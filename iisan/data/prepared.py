@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,11 @@ class PreparedData:
     def max_len(self) -> int:
         """Model input length (items before a target)."""
         return self.meta["max_seq_len"]
+
+    @cached_property
+    def ids_by_asin(self) -> dict[str, int]:
+        """Each item's id by its ASIN (what new users' histories name)."""
+        return {a: i for i, a in enumerate(self.asins) if i}
 
     @property
     def has_images(self) -> bool:

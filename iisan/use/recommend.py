@@ -65,7 +65,7 @@ def select_users(data: PreparedData, which: str = "test", histories=None) -> Use
 
 
 def _read_histories(data: PreparedData, histories) -> list[tuple[str, list[int]]]:
-    index = {a: i for i, a in enumerate(data.asins) if i}
+    index = data.ids_by_asin
     rows = []
     for no, line in enumerate(Path(histories).read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():

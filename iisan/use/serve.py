@@ -39,7 +39,6 @@ class Service:
         self.k = ckpt["train_config"]["metric_k"]
         self.table = item_embeddings(self.model, ckpt["train_config"]["eval_batch_size"], float32=False)
         self.items = self.table.float().cpu()
-        self.by_asin = {a: i for i, a in enumerate(self.data.asins) if i}
         self.sequences = dict(read_sequences(self.data))
         self.index = None
         if index:
@@ -56,10 +55,10 @@ class Service:
                 "k": self.k, "search": "faiss HNSW" if self.index is not None else "exact"}  # fmt: skip
 
     def ids_of(self, asins: list[str]) -> list[int]:
-        unknown = [a for a in asins if a not in self.by_asin]
+        unknown = [a for a in asins if a not in self.data.ids_by_asin]
         if unknown:
             raise LookupError(f"ASIN(s) {unknown[:5]} are not in the run's catalogue ({self.data.n_items} items)")
-        return [self.by_asin[a] for a in asins]
+        return [self.data.ids_by_asin[a] for a in asins]
 
     def recommend(self, history: list[int], k: int | None, keep_history: bool = False) -> dict:
         k = min(k or self.k, self.data.n_items)
