@@ -83,16 +83,20 @@ def search(index: Index, users: np.ndarray, k: int, exclude: list[set[int]] | No
     return out_s, out_i
 
 
-def recall(index: Index, items: np.ndarray, users: np.ndarray, kth: np.ndarray, k: int, block: int = 4096) -> float:
+def recall(index: Index, items: np.ndarray, users: np.ndarray, kth: np.ndarray, k: int) -> float:
     """The share of the index's top-``k`` whose exact score reaches ``kth``, each user's exact
     k-th score (``items``: N x d, row i = item id i + 1)."""
+    return recall_of(search(index, users, k)[1], items, users, kth)
+
+
+def recall_of(got: np.ndarray, items: np.ndarray, users: np.ndarray, kth: np.ndarray, block: int = 4096) -> float:
+    """``recall`` of item ids already found (U x k, -1: none)."""
     hits = 0
     for u0 in range(0, len(users), block):
-        u, t = users[u0 : u0 + block].astype(np.float64), kth[u0 : u0 + block, None]
-        _, got = search(index, u, k)
-        exact = np.einsum("ud,ukd->uk", u, items[np.maximum(got - 1, 0)].astype(np.float64))
-        hits += int(((got > 0) & (exact >= t - 1e-6 * np.maximum(np.abs(t), 1))).sum())  # float32 vs float64
-    return hits / max(k * len(users), 1)
+        u, t, g = users[u0 : u0 + block].astype(np.float64), kth[u0 : u0 + block, None], got[u0 : u0 + block]
+        exact = np.einsum("ud,ukd->uk", u, items[np.maximum(g - 1, 0)].astype(np.float64))
+        hits += int(((g > 0) & (exact >= t - 1e-6 * np.maximum(np.abs(t), 1))).sum())  # float32 vs float64
+    return hits / max(got.size, 1)
 
 
 def tune(index: Index, items: np.ndarray, users: np.ndarray, kth: np.ndarray, k: int,
@@ -117,9 +121,9 @@ def write(index: Index, items: np.ndarray, users: np.ndarray, exact_scores: np.n
     ef = tune(index, items, users, kth, k)
     atomic_file(out / "items.faiss", lambda f: f.write(faiss.serialize_index(index.hnsw).tobytes()))
     t0 = time.perf_counter()
-    search(index, users, k)
+    _, found = search(index, users, k)
     seconds = time.perf_counter() - t0
-    got = recall(index, items, users, kth, k)
+    got = recall_of(found, items, users, kth)
     info = {"kind": "HNSW over L2 of MIPS-augmented items", "M": HNSW_M, "efConstruction": EF_CONSTRUCTION,
             "efSearch": ef, "target_recall": TARGET_RECALL, "tuned_on_users": min(TUNE_USERS, len(users)),
             "max_sq_norm": index.max_sq_norm, "n_items": index.ntotal, "dim": int(items.shape[1]),
